@@ -1,0 +1,389 @@
+"""The YAML config: one pydantic schema for the whole file, `--set` overrides, one-line errors.
+
+Every section forbids unknown keys. `sft:` and `dpo:` hold fusechat's own training keys (lora, launch) plus any
+field of TRL's `SFTConfig` / `DPOConfig`; those are checked against TRL's dataclass fields so that a typo fails
+before a model loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fusechat.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------- prompts
+class FieldMap(Section):
+    """Which columns of a prompt dataset hold what. `prompt` may list several columns (joined by a blank line,
+    empty ones skipped), e.g. alpaca's `[instruction, input]`. Dotted paths reach into nested values
+    (`conversations.0.value`)."""
+
+    prompt: str | list[str] | None = None
+    messages: str | None = None
+    system: str | None = None
+    answer: str | None = None
+    tests: str | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt_field(self) -> FieldMap:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("set exactly one of prompt (text column) or messages (chat column)")
+        return self
+
+
+class PromptSource(Section):
+    name: str
+    path: str  # hub dataset id, local dataset dir, or a .jsonl/.json/.parquet file
+    domain: str
+    fields: FieldMap
+    subset: str | None = None  # hub dataset config name
+    split: str = "train"
+    revision: str | None = None
+    limit: int | None = Field(default=None, ge=1)
+    sft_ratio: float | None = Field(default=None, ge=0.0, le=1.0)  # overrides prompts.sft_ratio[domain]
+    exclude: dict[str, list[Any]] = {}  # drop rows whose column value is listed, e.g. task_category: [Math]
+
+
+class PromptsConfig(Section):
+    sources: list[PromptSource]
+    sft_ratio: dict[str, float] = {}  # domain -> fraction of prompts in the sft split (rest: dpo)
+    default_sft_ratio: float = Field(default=0.4, ge=0.0, le=1.0)
+
+    @field_validator("sft_ratio")
+    @classmethod
+    def _ratios_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for domain, r in v.items():
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"ratio for {domain!r} must be between 0 and 1, got {r}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PromptsConfig:
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate source name(s): {', '.join(dup)}")
+        return self
+
+    def ratio_for(self, source: PromptSource) -> float:
+        if source.sft_ratio is not None:
+            return source.sft_ratio
+        return self.sft_ratio.get(source.domain, self.default_sft_ratio)
+
+
+# --------------------------------------------------------------------------------------------- sources
+class SamplingParams(Section):
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = -1
+    repetition_penalty: float = 1.0
+    max_tokens: int = 4096
+    seed: int | None = None  # default: the config's seed
+
+
+class SourceModel(Section):
+    name: str
+    model: str  # local dir or hub id
+    engine: Literal["vllm", "transformers"] = "vllm"
+    engine_args: dict[str, Any] = {}  # passed to vllm.LLM (tensor_parallel_size, max_model_len, dtype, ...)
+    sampling: SamplingParams = SamplingParams()
+    samples: dict[str, int] = {}  # domain -> k; a domain not listed gets default_samples
+    default_samples: int = Field(default=0, ge=0)
+    chat_template: str | None = None  # a .jinja file or an inline template; overrides the tokenizer's
+    system_prompt: str | None = None
+    system_role: Literal["keep", "merge", "drop"] = "keep"  # Gemma-2 rejects system turns: merge into user
+    batch_size: int = Field(default=64, ge=1)  # transformers engine: prompts per generate call
+
+    def k_for(self, domain: str) -> int:
+        return self.samples.get(domain, self.default_samples)
+
+
+# --------------------------------------------------------------------------------------------- score
+class RewardModelConfig(Section):
+    path: str
+    trust_remote_code: bool = False
+    batch_size: int = Field(default=16, ge=1)
+    max_length: int = Field(default=4096, ge=8)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    chat_template: str | None = None
+
+
+class MathVerifierConfig(Section):
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
+class CodeVerifierConfig(Section):
+    timeout_s: float = Field(default=10.0, gt=0)
+    memory_mb: int = Field(default=1024, ge=64)
+    max_processes: int = Field(default=16, ge=1)
+    workers: int = Field(default=4, ge=1)
+    python: str | None = None  # interpreter for the sandbox; default: the one running fusechat
+
+
+class ScoreConfig(Section):
+    reward_model: RewardModelConfig | None = None
+    routes: dict[str, list[Literal["reward", "math", "code"]]] = {}  # domain -> scorers
+    default_route: list[Literal["reward", "math", "code"]] = ["reward"]
+    math: MathVerifierConfig = MathVerifierConfig()
+    code: CodeVerifierConfig = CodeVerifierConfig()
+    shard_size: int = Field(default=2048, ge=1)
+
+
+# --------------------------------------------------------------------------------------------- build
+class BuildConfig(Section):
+    margin: tuple[float, float] = (0.01, 0.1)  # DPO reward gap band [low, high] (ArmoRM scale in the paper)
+    sft_only_domains: list[str] = []
+    verified_domains: dict[str, Literal["math", "code"]] = {}  # domain -> which verdict gates acceptance
+    drop_truncated: bool = True
+    drop_empty: bool = True
+    max_length: int | None = 2048  # prompt + response tokens of the target tokenizer
+    pairs_per_prompt: int = Field(default=1, ge=1)
+    pair_source_rule: Literal["largest_margin", "random"] = "largest_margin"
+
+
+# --------------------------------------------------------------------------------------------- target / train
+class TargetConfig(Section):
+    path: str
+    chat_template: str | None = None
+    trust_remote_code: bool = False
+
+
+class LoraConfig(Section):
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    merge: bool = True  # merge into the base weights when saving; False keeps an adapter
+
+
+class TrainConfig(BaseModel):
+    """fusechat's keys; every other key is a TRL config field (checked against TRL by `check_trl_keys`)."""
+
+    model_config = ConfigDict(extra="allow")
+    lora: LoraConfig | None = None
+    num_processes: int = Field(default=1, ge=1)
+    accelerate_config: str | None = None  # a file, or a name shipped with fusechat: ddp, zero3, fsdp
+    model: str | None = None  # dpo: start from this instead of the latest sft version
+
+    def trl_args(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+# --------------------------------------------------------------------------------------------- eval
+class EvalSet(Section):
+    name: str
+    path: str
+    domain: str
+    fields: FieldMap
+    check: Literal["exact", "math", "code"] = "exact"
+    limit: int | None = Field(default=None, ge=1)
+
+
+class EvalConfig(Section):
+    sets: list[EvalSet] = []
+    max_new_tokens: int = Field(default=512, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+
+
+# --------------------------------------------------------------------------------------------- root
+class FusechatConfig(Section):
+    name: str
+    workdir: str = "runs"
+    seed: int = 42
+    prompts: PromptsConfig
+    sources: list[SourceModel] = []
+    score: ScoreConfig = ScoreConfig()
+    build: BuildConfig = BuildConfig()
+    target: TargetConfig | None = None
+    sft: TrainConfig = TrainConfig()
+    dpo: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_dirname(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain directory name")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> FusechatConfig:
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate source name(s): {', '.join(dup)}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.workdir) / self.name
+
+
+# --------------------------------------------------------------------------------------------- loading
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value parsed as YAML, so numbers, booleans and lists work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {text!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        nxt = _child(node, part)
+        if nxt is None:
+            nxt = {}
+            _set_child(node, part, nxt)
+        elif not isinstance(nxt, dict | list):
+            raise UserError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+        node = nxt
+    _set_child(node, path[-1], value)
+
+
+def _child(node: Any, part: str) -> Any:
+    if isinstance(node, list):
+        return node[int(part)] if part.isdigit() and int(part) < len(node) else None
+    return node.get(part)
+
+
+def _set_child(node: Any, part: str, value: Any) -> None:
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise UserError(f"--set: list index {part!r} out of range")
+        node[int(part)] = value
+    else:
+        node[part] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, check_trl: bool = True) -> FusechatConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    for text in overrides or []:
+        apply_override(data, *parse_override(text))
+    try:
+        cfg = FusechatConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"{path}: {describe_validation_error(e, data)}") from None
+    if check_trl:
+        for section in ("sft", "dpo"):
+            err = check_trl_keys(section, getattr(cfg, section).trl_args())
+            if err:
+                raise UserError(f"{path}: {err}")
+    return cfg
+
+
+def describe_validation_error(e: ValidationError, data: dict[str, Any]) -> str:
+    """The first error as `key.path: what is wrong`, with a did-you-mean for unknown keys."""
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    where = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") or "(top level)"
+    if err["type"] == "extra_forbidden":
+        known = _known_fields(FusechatConfig, loc[:-1], data)
+        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        return f"{where}: unknown key" + (f"; did you mean {hint[0]}?" if hint else f"; expected one of: {', '.join(sorted(known))}")
+    if err["type"] == "missing":
+        return f"{where}: required key missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if "input" in err and err["type"] not in ("model_type",):
+        return f"{where}: {msg} (got {json.dumps(err['input'], default=str)[:80]})"
+    return f"{where}: {msg}"
+
+
+def _known_fields(model: type[BaseModel], loc: list[str], data: Any) -> list[str]:
+    """Field names of the sub-model reached by `loc` (list indices skipped)."""
+    current: Any = model
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+        if current is None:
+            return []
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+# --------------------------------------------------------------------------------------------- TRL keys
+def trl_fields(section: str) -> set[str]:
+    """Field names of TRL's SFTConfig / DPOConfig. Importing TRL costs seconds, so the names are cached per
+    installed (trl, transformers) version."""
+    from importlib.metadata import version
+
+    key = f"trl-{version('trl')}-transformers-{version('transformers')}"
+    cache = Path.home() / ".cache" / "fusechat" / f"{key}.json"
+    try:
+        return set(json.loads(cache.read_text())[section])
+    except (OSError, ValueError, KeyError):
+        pass
+    import dataclasses
+
+    from trl import DPOConfig, SFTConfig
+
+    names = {
+        "sft": sorted(f.name for f in dataclasses.fields(SFTConfig)),
+        "dpo": sorted(f.name for f in dataclasses.fields(DPOConfig)),
+    }
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{id(names)}")
+        tmp.write_text(json.dumps(names))
+        tmp.replace(cache)
+    except OSError:
+        pass
+    return set(names[section])
+
+
+# Set by fusechat itself per stage (output dir, hardware); a user value would be overwritten silently.
+MANAGED_TRL_KEYS = {"output_dir"}
+
+
+def check_trl_keys(section: str, args: dict[str, Any]) -> str | None:
+    if not args:
+        return None
+    fields = trl_fields(section)
+    own = set(TrainConfig.model_fields)
+    for key in args:
+        if key in MANAGED_TRL_KEYS:
+            return f"{section}.{key}: set by fusechat (the stage's version directory); remove it"
+        if key not in fields:
+            hint = difflib.get_close_matches(key, sorted(fields | own), n=1)
+            kind = "SFTConfig" if section == "sft" else "DPOConfig"
+            return f"{section}.{key}: unknown key (not a field of TRL's {kind})" + (
+                f"; did you mean {hint[0]}?" if hint else ""
+            )
+    return None

@@ -1,0 +1,45 @@
+"""`fusechat status`: every stage's versions, counts, lineage, and how far unfinished ones are."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.table import Table
+
+from fusechat.store import STAGES, RunStore
+
+
+def summarize_counts(counts: dict[str, Any]) -> str:
+    """Top-level scalar counts, e.g. `prompts=1200 rows=...`; nested breakdowns stay in the manifest."""
+    parts = [f"{k}={v}" for k, v in counts.items() if isinstance(v, int | float | str)]
+    return " ".join(parts)
+
+
+def partial_summary(path) -> str:
+    """Resumable stages keep `progress.json` in their partial directory (e.g. shards done / total)."""
+    try:
+        progress = json.loads((path / "progress.json").read_text())
+    except (OSError, ValueError):
+        return "in progress (or interrupted)"
+    return " ".join(f"{k}={v}" for k, v in progress.items())
+
+
+def status_table(store: RunStore) -> Table:
+    table = Table(title=f"fusechat run: {store.root}", show_lines=False)
+    for col in ("stage", "version", "status", "created", "counts", "inputs", "fingerprint"):
+        table.add_column(col, overflow="fold")
+    for stage in STAGES:
+        versions = store.versions(stage)
+        partials = store.partials(stage) if store.stage_dir(stage).is_dir() else []
+        if not versions and not partials:
+            table.add_row(stage, "-", "[dim]none[/dim]", "", "", "", "")
+            continue
+        for v in versions:
+            m = v.manifest
+            inputs = ", ".join(f"{k}/{n}" for k, n in (m.get("inputs") or {}).items())
+            table.add_row(stage, v.name, "[green]complete[/green]", m.get("created_at", ""),
+                          summarize_counts(m.get("counts") or {}), inputs, v.fingerprint[:12])
+        for p in partials:
+            table.add_row(stage, p.name, "[yellow]partial[/yellow]", "", partial_summary(p), "", "")
+    return table
