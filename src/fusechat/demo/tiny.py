@@ -1,0 +1,166 @@
+"""Tiny tokenizers and models built locally in seconds (no hub access): the demo world and the tests use them.
+
+Tokenizers are character-level (`char`) or byte-level BPE trained on a given corpus (`bpe`), each with one of
+three chat-template families that mimic the real ones: ChatML (Qwen), Llama-3 (the template itself emits BOS,
+and the tokenizer adds one too with add_special_tokens: the classic double-BOS trap) and Mistral ([INST]).
+Assistant content is wrapped in `{% generation %}` so assistant masks work.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+        "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+        "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|eot_id|>' }}"
+        "{% endgeneration %}{% else %}{{ message['content'] + '<|eot_id|>' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+        "{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{% elif message['role'] == 'system' %}{{ '[INST] ' + message['content'] + '\n' }}"
+        "{% else %}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{% endif %}"
+        "{% endfor %}"
+    ),
+}
+
+# Special tokens per family: (bos, eos = end of turn, pad, extra specials)
+SPECIALS = {
+    "chatml": ("<|endoftext|>", "<|im_end|>", "<|pad|>", ["<|im_start|>"]),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>", "<|pad|>", ["<|start_header_id|>", "<|end_header_id|>",
+                                                             "<|end_of_text|>"]),
+    "mistral": ("<s>", "</s>", "<pad>", ["[INST]", "[/INST]"]),
+}
+ROLE_WORDS = ["user", "assistant", "system"]
+DEFAULT_CHARS = string.printable.replace("\x0b", "").replace("\x0c", "").replace("\r", "")
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """One tiny model: architecture, tokenizer kind and chat family, sizes."""
+
+    arch: str = "llama"  # llama, qwen2, mistral, gemma2
+    tokenizer: str = "char"  # char or bpe
+    chat: str = "chatml"  # chatml, llama3, mistral
+    hidden: int = 96
+    layers: int = 3
+    heads: int = 4
+    kv_heads: int = 2
+    ffn: int = 256
+    max_positions: int = 512
+    seed: int = 0
+
+
+def build_tokenizer(chat: str = "chatml", kind: str = "char", corpus: Iterable[str] | None = None,
+                    vocab_size: int = 400):
+    """A fast tokenizer with a chat template. `bpe` needs a corpus."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos, pad, extra = SPECIALS[chat]
+    specials = [pad, bos, eos, "<unk>", *extra]
+    if kind == "char":
+        vocab = {tok: i for i, tok in enumerate(specials)}
+        for ch in DEFAULT_CHARS:
+            vocab.setdefault(ch, len(vocab))
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+    elif kind == "bpe":
+        if corpus is None:
+            raise ValueError("a bpe tokenizer needs a corpus")
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(corpus, trainer)
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    tok.add_special_tokens(specials)
+    tok.add_tokens(ROLE_WORDS)
+    if chat == "llama3":
+        # Real Llama-3 tokenizers prepend BOS on encode(add_special_tokens=True) although the template emits one.
+        bos_id = tok.token_to_id(bos)
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, bos_id)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+                                 unk_token="<unk>", model_max_length=512, padding_side="right")
+    hf.add_special_tokens({"additional_special_tokens": extra})
+    hf.chat_template = TEMPLATES[chat]
+    return hf
+
+
+def build_model(spec: TinySpec, tokenizer, *, reward: bool = False):
+    """A randomly initialised tiny causal LM (or a one-output sequence classifier when `reward`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(spec.seed)
+    kwargs = dict(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.ffn,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if spec.arch == "gemma2":
+        kwargs.update(head_dim=spec.hidden // spec.heads, sliding_window=spec.max_positions)
+    if spec.arch == "mistral":
+        kwargs.update(sliding_window=None)
+    if reward:
+        kwargs.update(num_labels=1)
+    config = AutoConfig.for_model(spec.arch, **kwargs)
+    cls = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    return cls.from_config(config)
+
+
+def save_tiny(model, tokenizer, out: str | Path) -> Path:
+    """Save model + tokenizer + generation config (stop on the end-of-turn token) as one HF directory."""
+    from transformers import GenerationConfig
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if not getattr(model.config, "num_labels", None) or model.config.architectures[0].endswith("CausalLM"):
+        GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
+    return out
+
+
+def make_tiny(out: str | Path, spec: TinySpec = TinySpec(), *, reward: bool = False,
+              corpus: Iterable[str] | None = None) -> Path:
+    """Build and save a tiny model directory in one call."""
+    tok = build_tokenizer(spec.chat, spec.tokenizer, corpus)
+    model = build_model(spec, tok, reward=reward)
+    return save_tiny(model, tok, out)
+
+
+def load_tokenizer(path: str | Path, **kwargs):
+    """AutoTokenizer, except that a fast tokenizer saved by `tokenizers` is loaded as such: transformers 5
+    replaces it with Qwen2Tokenizer (different pre-tokenizer, different ids) for `model_type: qwen2` dirs."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if path.is_dir() and (path / "tokenizer.json").exists():
+        import json
+
+        cfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+        if cfg.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(str(path), **kwargs)
+    return AutoTokenizer.from_pretrained(str(path), **kwargs)

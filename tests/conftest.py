@@ -1,0 +1,60 @@
+"""Shared fixtures: real tiny models and tokenizers built locally once per session (seconds, no hub)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+def _make(tiny_dir: Path, name: str, **kw) -> Path:
+    from fusechat.demo.tiny import TinySpec, make_tiny
+
+    reward = kw.pop("reward", False)
+    corpus = kw.pop("corpus", None)
+    out = tiny_dir / name
+    if not (out / "config.json").exists():
+        make_tiny(out, TinySpec(**kw), reward=reward, corpus=corpus)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_dir) -> Path:
+    """Llama architecture, char tokenizer, Llama-3-style template (template emits BOS; encode adds one too)."""
+    return _make(tiny_dir, "llama", arch="llama", chat="llama3", tokenizer="char", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_dir) -> Path:
+    """Qwen2 architecture, char tokenizer, ChatML template (AutoTokenizer would swap in Qwen2Tokenizer)."""
+    return _make(tiny_dir, "qwen2", arch="qwen2", chat="chatml", tokenizer="char", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_bpe(tiny_dir) -> Path:
+    """Mistral architecture, byte-level BPE tokenizer, [INST] template."""
+    corpus = [f"what is {a}+{b}? the answer is {a + b}. reverse: abc -> cba" for a in range(40) for b in range(10)]
+    return _make(tiny_dir, "mistral", arch="mistral", chat="mistral", tokenizer="bpe", corpus=corpus, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(tiny_dir) -> Path:
+    """A one-output sequence-classification reward model (Llama, ChatML template)."""
+    return _make(tiny_dir, "reward", arch="llama", chat="chatml", tokenizer="char", reward=True, seed=4)
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run the test with the current directory set to a fresh temporary folder (configs use relative paths)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
