@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -230,13 +231,28 @@ class FusechatConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------- loading
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-5` (no dot) as a string; learning rates are written that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (['a','b','c'], value parsed as YAML, so numbers, booleans and lists work)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {text!r}: expected key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -275,7 +291,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_trl:
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -297,8 +313,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_trl:
 
 
 def describe_validation_error(e: ValidationError, data: dict[str, Any]) -> str:
-    """The first error as `key.path: what is wrong`, with a did-you-mean for unknown keys."""
-    err = e.errors()[0]
+    """The first error as `key.path: what is wrong`, with a did-you-mean for unknown keys. A typo yields both an
+    unknown key and a missing one: report the unknown key, which is the cause."""
+    err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
     loc = [str(p) for p in err["loc"]]
     where = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".") or "(top level)"
     if err["type"] == "extra_forbidden":
