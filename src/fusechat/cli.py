@@ -106,6 +106,143 @@ def status(config: ConfigOpt, set_: SetOpt = None) -> None:
     console.print(status_table(_store(cfg)))
 
 
+@app.command()
+@user_errors
+def sft(config: ConfigOpt, input_: InputOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Fine-tune the target on a datasets version (TRL SFTTrainer; loss on the assistant turn only).
+    `sft.num_processes` / `sft.accelerate_config` relaunch it under `accelerate launch`."""
+    from fusechat.train.sft import run_sft
+
+    cfg = _load(config, set_)
+    _show_training(run_sft(cfg, _store(cfg), pinned=parse_inputs(input_), force=force, log=console.print))
+
+
+@app.command()
+@user_errors
+def dpo(config: ConfigOpt, input_: InputOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """DPO from the latest (or --input sft=vNNN) sft model on a datasets version (TRL DPOTrainer)."""
+    from fusechat.train.dpo import run_dpo
+
+    cfg = _load(config, set_)
+    _show_training(run_dpo(cfg, _store(cfg), pinned=parse_inputs(input_), force=force, log=console.print))
+
+
+def _show_training(version) -> None:
+    if version is None:
+        return
+    train = version.manifest.get("train", {})
+    shown = ("world_size", "global_step", "final_loss", "mean_loss", "reward_accuracy", "reward_margin", "tokens_per_s")
+    console.print("  " + ", ".join(f"{k}={train[k]:.4g}" if isinstance(train[k], float) else f"{k}={train[k]}"
+                                   for k in shown if train.get(k) is not None))
+    console.print(f"  model: {version.path / 'model'}")
+
+
+@app.command()
+@user_errors
+def sample(
+    config: ConfigOpt,
+    input_: InputOpt = None,
+    source: Annotated[str | None, typer.Option("--source", help="Run only this source model.")] = None,
+    shard: Annotated[str | None, typer.Option("--shard", help="Run part I of N of the chunks, e.g. 2/8.")] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Each source model answers each prompt k times (vLLM or transformers), in resumable chunks. Jobs with
+    --source/--shard fill one version together; it completes when every chunk exists."""
+    from rich.progress import BarColumn, MofNCompleteColumn
+
+    from fusechat.sample import run_sample
+    from fusechat.shards import ShardSpec
+
+    spec = ShardSpec.parse(shard)
+    cfg = _load(config, set_)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("chunks {task.fields[rate]}"), TimeElapsedColumn(), console=console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int, tokens: int, seconds: float) -> None:
+            rate = f"{tokens:,} tokens, {tokens / seconds:,.0f} tok/s" if seconds else ""
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total, rate=rate)
+            bar.update(tasks[name], completed=done, rate=rate)
+
+        version = run_sample(cfg, _store(cfg), pinned=parse_inputs(input_), force=force, source=source, shard=spec,
+                             log=console.print, progress=progress)
+    if version is not None:
+        counts = version.manifest["counts"]
+        timings = version.manifest["timings"].get("by_source", {})
+        for name, c in counts.get("by_source", {}).items():
+            rate = timings.get(name, {}).get("tokens_per_s", 0)
+            console.print(f"  {name}: prompts={c.get('prompts', 0)} samples={c.get('samples', 0)} "
+                          f"tokens={c.get('tokens', 0)} skipped_too_long={c.get('skipped_too_long', 0)} "
+                          f"tok/s={rate:,.0f}")
+
+
+@app.command()
+@user_errors
+def score(
+    config: ConfigOpt,
+    input_: InputOpt = None,
+    shard: Annotated[str | None, typer.Option("--shard", help="Score part I of N of the chunks, e.g. 2/8.")] = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Reward every sample and verify math answers and code (sandboxed), per domain route, in resumable chunks.
+    Jobs with --shard fill one version together; it completes when every chunk exists."""
+    from rich.progress import BarColumn, MofNCompleteColumn
+
+    from fusechat.score.stage import run_score
+    from fusechat.shards import ShardSpec
+
+    spec = ShardSpec.parse(shard)
+    cfg = _load(config, set_)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("scoring responses", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        version = run_score(cfg, _store(cfg), pinned=parse_inputs(input_), force=force, shard=spec,
+                            log=console.print, progress=progress)
+    if version is not None:
+        counts, timings = version.manifest["counts"], version.manifest["timings"].get("scorers", {})
+        console.print(f"  responses={counts.get('responses', 0)} truncated={counts.get('truncated', 0)}")
+        for verdict, n in counts.get("by_verdict", {}).items():
+            console.print(f"  {verdict}: {n}", emoji=False, markup=False)  # "reward:ok:" is no emoji
+        for name, t in timings.items():
+            console.print(f"  {name}: {t['responses']} responses, {t['responses_per_s']} responses/s")
+
+
+@app.command()
+@user_errors
+def build(config: ConfigOpt, input_: InputOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
+    """Select the SFT set (best response over all sources) and the DPO set (best vs worst of one source, reward
+    gap inside build.margin) from a scores version; prints what was kept and dropped."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn
+
+    from fusechat.build import run_build, stats_tables
+
+    cfg = _load(config, set_)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        version = run_build(cfg, _store(cfg), pinned=parse_inputs(input_), force=force, log=console.print,
+                            progress=progress)
+    stats = json.loads((version.path / "stats.json").read_text())
+    for table in stats_tables(stats):
+        console.print(table)
+    console.print(f"  sft: {version.path / 'sft'}  dpo: {version.path / 'dpo'}")
+
+
 def main() -> None:
     try:
         app(prog_name="fusechat")

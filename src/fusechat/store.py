@@ -46,6 +46,20 @@ def fingerprint(stage: str, config: Any, inputs: dict[str, Version]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def model_identity(path_or_id: str) -> dict[str, Any]:
+    """What a fingerprint must see of a model: for a local directory, every file's name, size and mtime (cheap
+    even for 140 GB of weights, and it changes when the model is rebuilt in place); for a hub id, the id."""
+    p = Path(path_or_id).expanduser()
+    if not p.exists():
+        return {"id": path_or_id}
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return {"path": str(p), "files": h.hexdigest()[:16]}
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

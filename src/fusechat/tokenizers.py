@@ -1,0 +1,23 @@
+"""Loading tokenizers the way they were saved.
+
+transformers 5 replaces a fast tokenizer saved by `tokenizers` with `Qwen2Tokenizer` (a different pre-tokenizer,
+different ids) for `model_type: qwen2` directories; `load_tokenizer` keeps the saved one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_tokenizer(path: str | Path, **kwargs):
+    """AutoTokenizer, except that a fast tokenizer saved by `tokenizers` is loaded as such."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if path.is_dir() and (path / "tokenizer.json").exists():
+        config_file = path / "tokenizer_config.json"
+        cfg = json.loads(config_file.read_text()) if config_file.exists() else {}
+        if cfg.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(str(path), **kwargs)
+    return AutoTokenizer.from_pretrained(str(path), **kwargs)

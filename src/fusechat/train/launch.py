@@ -1,0 +1,82 @@
+"""Relaunch training under `accelerate launch` (TRL-CLI style): the parent process resolves the config, the
+versions and the cache, then starts N worker processes that train into the partial version directory, then commits.
+
+On CPU the same path runs over gloo. Traps avoided here (reference/env.md §5): `accelerate launch --cpu` starts
+one process only, so it is `--multi_gpu` plus `ACCELERATE_USE_CPU=true`; one OpenMP thread per rank.
+Multi-node: every node runs the same `fusechat sft` command with its own launch arguments in
+`FUSECHAT_ACCELERATE_ARGS` (`--num_machines 2 --machine_rank 1 --main_process_ip ...`); machine rank 0 commits.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+from fusechat.errors import UserError
+from fusechat.train.hardware import Hardware
+
+SHIPPED = ("ddp", "zero3", "fsdp")
+EXTRA_ARGS_ENV = "FUSECHAT_ACCELERATE_ARGS"
+
+
+def resolve_config(value: str | None, where: str) -> Path | None:
+    """An accelerate config: a YAML file, or the name of one shipped with fusechat (ddp, zero3, fsdp)."""
+    if value is None:
+        return None
+    if Path(value).is_file():
+        return Path(value).resolve()
+    if value in SHIPPED:
+        return Path(str(files("fusechat") / "accelerate_configs" / f"{value}.yaml"))
+    raise UserError(f"{where}: {value!r} is neither a file nor one of the shipped configs ({', '.join(SHIPPED)})")
+
+
+def needs_launch(num_processes: int, config: Path | None) -> bool:
+    return num_processes > 1 or config is not None or bool(os.environ.get(EXTRA_ARGS_ENV))
+
+
+def extra_args() -> list[str]:
+    return shlex.split(os.environ.get(EXTRA_ARGS_ENV, ""))
+
+
+def machine_rank() -> int:
+    args = extra_args()
+    for i, arg in enumerate(args):
+        if arg.startswith("--machine_rank"):
+            value = arg.partition("=")[2] or (args[i + 1] if i + 1 < len(args) else "0")
+            return int(value)
+    return 0
+
+
+def command(job: Path, num_processes: int, config: Path | None, hw: Hardware) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` argv that runs `fusechat.train.worker job.json`, and its environment."""
+    argv = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config is not None:
+        argv += ["--config_file", str(config)]
+    else:
+        # precision comes from the TRL config (bf16 flag); accelerate's own setting stays off
+        argv += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if num_processes > 1 or config is None:
+        argv += ["--num_processes", str(num_processes)]
+    argv += [*extra_args(), "-m", "fusechat.train.worker", str(job)]
+    env = dict(os.environ)
+    if hw.device == "cpu":
+        env["ACCELERATE_USE_CPU"] = "true"
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return argv, env
+
+
+def run(job: Path, num_processes: int, config: Path | None, hw: Hardware, log=print) -> None:
+    argv, env = command(job, num_processes, config, hw)
+    log("launch: " + shlex.join(argv[1:]))
+    rc = subprocess.run(argv, env=env).returncode
+    if rc != 0:
+        err = UserError(
+            f"training processes exited with status {rc}; checkpoints stay in {job.parent}, "
+            "re-run the same command to resume"
+        )
+        err.exit_code = rc if 0 < rc < 256 else 1
+        raise err

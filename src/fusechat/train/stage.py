@@ -1,0 +1,143 @@
+"""The shell both training stages share: check everything a user can get wrong (data, tokenizer, hardware, TRL
+arguments) before a model loads, fingerprint the effective config, then train in the resumable partial version
+(in this process, or under `accelerate launch`) and commit `model/` with the run's numbers in the manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fusechat.config import FusechatConfig
+from fusechat.errors import UserError
+from fusechat.store import RunStore, StageResult, Version, model_identity, run_stage, write_json_atomic
+from fusechat.train import hardware, launch
+
+# Names in the partial version that exist only while training; `model/` and `log_history.json` stay.
+SCRATCH = ("checkpoints", "job.json", "result.json")
+
+
+def data_files(version: Version, split: str, columns: tuple[str, ...]) -> list[str]:
+    """The version's `<split>/*.parquet` files, after checking that they hold rows with the needed columns."""
+    import pyarrow.parquet as pq
+
+    found = sorted((version.path / split).glob("*.parquet"))
+    if not found:
+        raise UserError(f"{version.path / split}: no Parquet files; is {version.ref} a datasets version?")
+    for f in found:
+        names = pq.read_schema(f).names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise UserError(f"{f}: missing column(s) {', '.join(missing)} (has {', '.join(names)})")
+    if sum(pq.read_metadata(f).num_rows for f in found) == 0:
+        raise UserError(f"{version.path / split}: no rows to train on")
+    return [str(f.resolve()) for f in found]
+
+
+def chat_template(cfg: FusechatConfig) -> str | None:
+    """`target.chat_template`: a .jinja file or the template itself."""
+    value = cfg.target.chat_template if cfg.target else None
+    if value and Path(value).is_file():
+        return Path(value).read_text()
+    return value
+
+
+def check_tokenizer(model: str, template: str | None, where: str) -> None:
+    from fusechat.train.worker import load_target_tokenizer
+
+    try:
+        tok = load_target_tokenizer(model, template)
+    except Exception as e:  # transformers raises OSError, ValueError or TypeError for a dir without tokenizer files
+        raise UserError(
+            f"{where}: cannot load a tokenizer from {model} ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        ) from None
+    if not tok.chat_template:
+        raise UserError(f"{where}: the tokenizer of {model} has no chat template; set target.chat_template")
+
+
+def check_trl_args(kind: str, args: dict[str, Any]) -> None:
+    """Build the TRL config once here, so that a bad value fails before training, naming the section."""
+    import tempfile
+
+    from trl import DPOConfig, SFTConfig
+
+    cls = SFTConfig if kind == "sft" else DPOConfig
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            cls(output_dir=tmp, **args)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{kind}: invalid TRL {cls.__name__} arguments: {str(e).splitlines()[0]}") from None
+
+
+def train_stage(
+    kind: str,
+    cfg: FusechatConfig,
+    store: RunStore,
+    *,
+    model: str,
+    inputs: dict[str, Version],
+    files: list[str],
+    force: bool,
+    log: Callable[[str], None],
+    callbacks: list | tuple,
+) -> Version | None:
+    """Returns None on a machine of rank > 0 of a multi-node run (machine rank 0 commits)."""
+    section = getattr(cfg, kind)
+    template = chat_template(cfg)
+    where = "target.path" if kind == "sft" else f"{inputs['sft'].ref}/model" if "sft" in inputs else "dpo.model"
+    check_tokenizer(model, template, where)
+    hw = hardware.detect()
+    trl_args = hardware.effective_args(kind, section.trl_args(), hw, section.num_processes, cfg.seed)
+    accelerate_config = launch.resolve_config(section.accelerate_config, f"{kind}.accelerate_config")
+    check_trl_args(kind, trl_args)
+    config = {
+        "model": "sft" if "sft" in inputs else model_identity(model),  # a rebuilt target dir is a new input
+        "chat_template": template,
+        "trl": trl_args,
+        "lora": section.lora.model_dump() if section.lora else None,
+        "num_processes": section.num_processes,
+        "accelerate_config": section.accelerate_config,
+    }
+
+    def body(partial: Path) -> StageResult:
+        job = {
+            "kind": kind,
+            "model": model,
+            "tokenizer": model,
+            "chat_template": template,
+            "data_files": files,
+            "trl": trl_args,
+            "lora": config["lora"],
+            "output_dir": str(partial / "checkpoints"),
+            "model_dir": str(partial / "model"),
+            "result": str(partial / "result.json"),
+        }
+        if launch.needs_launch(section.num_processes, accelerate_config):
+            write_json_atomic(partial / "job.json", job)
+            launch.run(partial / "job.json", section.num_processes, accelerate_config, hw, log=log)
+            if launch.machine_rank() != 0:
+                log(f"machine rank {launch.machine_rank()} done; machine rank 0 commits the version")
+                return StageResult(complete=False)
+            result = json.loads((partial / "result.json").read_text())
+        else:
+            from fusechat.train.worker import run_job
+
+            result = run_job(job, callbacks)
+        for name in SCRATCH:
+            path = partial / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return StageResult(
+            counts={"rows": sum(_num_rows(f) for f in files), "steps": result["global_step"]},
+            timings={"train_s": result["train_runtime_s"]},
+            extra={"train": result, "hardware": hw.as_dict()},
+        )
+
+    return run_stage(store, kind, config, inputs, body, force=force, resumable=True, log=log)
+
+
+def _num_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path).num_rows
