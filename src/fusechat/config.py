@@ -104,6 +104,7 @@ class SourceModel(Section):
     system_prompt: str | None = None
     system_role: Literal["keep", "merge", "drop"] = "keep"  # Gemma-2 rejects system turns: merge into user
     batch_size: int = Field(default=64, ge=1)  # transformers engine: prompts per generate call
+    chunk_size: int = Field(default=256, ge=1)  # prompts per resumable chunk (one Parquet file each)
 
     def k_for(self, domain: str) -> int:
         return self.samples.get(domain, self.default_samples)
@@ -117,10 +118,13 @@ class RewardModelConfig(Section):
     max_length: int = Field(default=4096, ge=8)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     chat_template: str | None = None
+    # right: pads after the text, which every pooling rule handles (ArmoRM's custom head needs it)
+    padding_side: Literal["right", "left"] = "right"
 
 
 class MathVerifierConfig(Section):
     timeout_s: float = Field(default=5.0, gt=0)
+    workers: int = Field(default=2, ge=1)
 
 
 class CodeVerifierConfig(Section):
@@ -133,8 +137,8 @@ class CodeVerifierConfig(Section):
 
 class ScoreConfig(Section):
     reward_model: RewardModelConfig | None = None
-    routes: dict[str, list[Literal["reward", "math", "code"]]] = {}  # domain -> scorers
-    default_route: list[Literal["reward", "math", "code"]] = ["reward"]
+    routes: dict[str, list[Literal["reward", "math", "code", "exact"]]] = {}  # domain -> scorers
+    default_route: list[Literal["reward", "math", "code", "exact"]] = ["reward"]
     math: MathVerifierConfig = MathVerifierConfig()
     code: CodeVerifierConfig = CodeVerifierConfig()
     shard_size: int = Field(default=2048, ge=1)
@@ -144,12 +148,12 @@ class ScoreConfig(Section):
 class BuildConfig(Section):
     margin: tuple[float, float] = (0.01, 0.1)  # DPO reward gap band [low, high] (ArmoRM scale in the paper)
     sft_only_domains: list[str] = []
-    verified_domains: dict[str, Literal["math", "code"]] = {}  # domain -> which verdict gates acceptance
+    verified_domains: dict[str, Literal["math", "code", "exact"]] = {}  # domain -> which verdict gates acceptance
     drop_truncated: bool = True
     drop_empty: bool = True
     max_length: int | None = 2048  # prompt + response tokens of the target tokenizer
     pairs_per_prompt: int = Field(default=1, ge=1)
-    pair_source_rule: Literal["largest_margin", "random"] = "largest_margin"
+    pair_source_rule: Literal["largest_margin", "highest_chosen", "random"] = "largest_margin"
 
 
 # --------------------------------------------------------------------------------------------- target / train
@@ -194,6 +198,8 @@ class EvalConfig(Section):
     sets: list[EvalSet] = []
     max_new_tokens: int = Field(default=512, ge=1)
     batch_size: int = Field(default=32, ge=1)
+    engine: Literal["vllm", "transformers"] = "transformers"  # greedy decoding; vllm for real models
+    engine_args: dict[str, Any] = {}
 
 
 # --------------------------------------------------------------------------------------------- root
