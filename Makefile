@@ -4,7 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench demo run clean
+CONFIG ?=
 
 install: $(STAMP)
 
@@ -26,6 +27,19 @@ test: install
 lint: install
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
+
+# The tiny world and the whole pipeline on CPU; a second run reuses everything it can.
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/fusechat demo
+
+# Every stage of a recipe, e.g. `make run CONFIG=configs/llama-3.1-8b.yaml` on a GPU machine.
+run: install
+	@test -n "$(CONFIG)" || { echo "usage: make run CONFIG=configs/<target>.yaml"; exit 2; }
+	$(BIN)/fusechat run -c $(CONFIG)
+
+# Speed ratios measured in one run each (see each script's docstring).
+bench: install
+	for s in scripts/bench_*.py; do echo "== $$s"; HF_HUB_OFFLINE=1 $(BIN)/python $$s || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

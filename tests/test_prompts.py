@@ -124,7 +124,7 @@ def test_same_inputs_same_ids_and_splits_elsewhere(tmp_path):
         os.chdir(root)
         try:
             v = run_prompts(load_config("cfg.yaml", check_trl=False), RunStore("runs/demo"), log=lambda s: None)
-            tables.append(sorted(zip(*[read_prompts(v).column(c).to_pylist() for c in ("prompt_id", "split")])))
+            tables.append(sorted(zip(*[read_prompts(v).column(c).to_pylist() for c in ("prompt_id", "split")], strict=True)))
         finally:
             os.chdir(cwd)
     assert tables[0] == tables[1]

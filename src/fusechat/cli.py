@@ -8,12 +8,15 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from fusechat.errors import UserError
 
@@ -73,6 +76,46 @@ def _store(cfg):
     return RunStore(cfg.run_dir)
 
 
+@contextmanager
+def stage_progress(verb: str) -> Iterator[Any]:
+    """The progress display of a long stage, yielding the callback that stage reports to (None for others)."""
+    if verb not in ("prompts", "sample", "score", "build"):
+        yield None
+        return
+    columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}")]
+    if verb != "prompts":
+        columns += [BarColumn(), MofNCompleteColumn()]
+    if verb == "sample":
+        columns.append(TextColumn("{task.fields[rate]}"))
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=verb in ("prompts", "build")) as bar:
+        tasks: dict[str, Any] = {}
+
+        def task(name: str, total: int | None = None, **fields: Any) -> Any:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total, **fields)
+            return tasks[name]
+
+        if verb == "prompts":
+
+            def progress(source: str, rows: int) -> None:
+                bar.update(task(source), description=f"{source}: {rows:,} rows read")
+        elif verb == "sample":
+
+            def progress(name: str, done: int, total: int, tokens: int, seconds: float) -> None:
+                rate = f"{tokens:,} tokens, {tokens / seconds:,.0f} tok/s" if seconds else ""
+                bar.update(task(name, total, rate=rate), completed=done, total=total, rate=rate)
+        elif verb == "score":
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task("scoring responses", total), completed=done, total=total)
+        else:
+
+            def progress(phase: str, done: int, total: int) -> None:
+                bar.update(task(phase, total), completed=done, total=total)
+
+        yield progress
+
+
 @app.command()
 @user_errors
 def prompts(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
@@ -80,15 +123,7 @@ def prompts(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> 
     from fusechat.prompts import run_prompts
 
     cfg = _load(config, set_)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(source: str, rows: int) -> None:
-            if source not in tasks:
-                tasks[source] = bar.add_task(source)
-            bar.update(tasks[source], description=f"{source}: {rows:,} rows read")
-
+    with stage_progress("prompts") as progress:
         version = run_prompts(cfg, _store(cfg), force=force, log=console.print, progress=progress)
     by_domain = version.manifest["counts"].get("by_domain", {})
     for domain, splits in by_domain.items():
@@ -149,23 +184,12 @@ def sample(
 ) -> None:
     """Each source model answers each prompt k times (vLLM or transformers), in resumable chunks. Jobs with
     --source/--shard fill one version together; it completes when every chunk exists."""
-    from rich.progress import BarColumn, MofNCompleteColumn
-
     from fusechat.sample import run_sample
     from fusechat.shards import ShardSpec
 
     spec = ShardSpec.parse(shard)
     cfg = _load(config, set_)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("chunks {task.fields[rate]}"), TimeElapsedColumn(), console=console) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(name: str, done: int, total: int, tokens: int, seconds: float) -> None:
-            rate = f"{tokens:,} tokens, {tokens / seconds:,.0f} tok/s" if seconds else ""
-            if name not in tasks:
-                tasks[name] = bar.add_task(name, total=total, rate=rate)
-            bar.update(tasks[name], completed=done, rate=rate)
-
+    with stage_progress("sample") as progress:
         version = run_sample(cfg, _store(cfg), pinned=parse_inputs(input_), force=force, source=source, shard=spec,
                              log=console.print, progress=progress)
     if version is not None:
@@ -189,20 +213,12 @@ def score(
 ) -> None:
     """Reward every sample and verify math answers and code (sandboxed), per domain route, in resumable chunks.
     Jobs with --shard fill one version together; it completes when every chunk exists."""
-    from rich.progress import BarColumn, MofNCompleteColumn
-
     from fusechat.score.stage import run_score
     from fusechat.shards import ShardSpec
 
     spec = ShardSpec.parse(shard)
     cfg = _load(config, set_)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("scoring responses", total=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
+    with stage_progress("score") as progress:
         version = run_score(cfg, _store(cfg), pinned=parse_inputs(input_), force=force, shard=spec,
                             log=console.print, progress=progress)
     if version is not None:
@@ -221,26 +237,95 @@ def build(config: ConfigOpt, input_: InputOpt = None, set_: SetOpt = None, force
     gap inside build.margin) from a scores version; prints what was kept and dropped."""
     import json
 
-    from rich.progress import BarColumn, MofNCompleteColumn
-
     from fusechat.build import run_build, stats_tables
 
     cfg = _load(config, set_)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done, total=total)
-
+    with stage_progress("build") as progress:
         version = run_build(cfg, _store(cfg), pinned=parse_inputs(input_), force=force, log=console.print,
                             progress=progress)
     stats = json.loads((version.path / "stats.json").read_text())
     for table in stats_tables(stats):
         console.print(table)
     console.print(f"  sft: {version.path / 'sft'}  dpo: {version.path / 'dpo'}")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    config: ConfigOpt,
+    model: Annotated[str | None, typer.Option("--model", help="dpo, sft, target, a source name, or a model "
+                                              "directory. Default: the latest dpo model, else sft, else target.")] = None,
+    input_: InputOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Greedy answers of one model on the held-out sets of `eval.sets`, checked per set; accuracy per set."""
+    from fusechat.eval import run_eval
+
+    cfg = _load(config, set_)
+    version = run_eval(cfg, _store(cfg), model=model, pinned=parse_inputs(input_), force=force, log=console.print)
+    counts = version.manifest["counts"]
+    table = Table(title=f"{counts['model']} ({version.ref})")
+    for name in ("set", "accuracy"):
+        table.add_column(name)
+    for name, acc in counts["accuracy"].items():
+        table.add_row(name, f"{acc:.3f}")
+    table.add_row("[bold]mean[/bold]", f"[bold]{counts['mean_accuracy']:.3f}[/bold]")
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def run(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    until: Annotated[str, typer.Option("--until", help="Stop after this stage.")] = "eval",
+) -> None:
+    """Every stage in order (prompts, sample, score, build, sft, dpo, eval), each skipped when cached; stops at
+    the first error with the stage named."""
+    from fusechat.pipeline import run_pipeline
+
+    cfg = _load(config, set_)
+    versions = run_pipeline(cfg, _store(cfg), until=until, log=console.print, progress_for=stage_progress)
+    console.print("done: " + ", ".join(v.ref for v in versions.values()))
+
+
+@app.command()
+@user_errors
+def demo(
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the world and of the run.")] = 0,
+    small: Annotated[bool, typer.Option("--small", help="A smaller, quicker world (fusion is weaker).")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Build the tiny demo world under runs/ (cached) and run the whole pipeline on it on CPU: three specialist
+    sources, a weak target, SFT then DPO; prints held-out accuracy per skill for every model."""
+    from fusechat.demo.run import run_demo
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the demo's tiny engines start three times
+    result = run_demo(seed=seed, small=small, overrides=set_ or [], log=console.print, progress_for=stage_progress)
+    console.print(results_table(result))
+    console.print("(also written to runs/demo/results.md)")
+
+
+def results_table(result) -> Table:
+    skills = result["skills"]
+    table = Table(title="held-out accuracy per skill (greedy)")
+    table.add_column("model")
+    for s in skills:
+        table.add_column(s, justify="right")
+    table.add_column("mean", justify="right")
+    for r in result["rows"]:
+        table.add_row(r["model"], *(f"{r['accuracy'][s]:.2f}" for s in skills), f"[bold]{r['mean']:.2f}[/bold]")
+    contrib = Table(title="what each source contributed")
+    for col in ("source", "SFT rows won", "DPO pairs"):
+        contrib.add_column(col)
+    for name, c in result["contributions"].items():
+        contrib.add_row(name, str(c["sft_rows"]), str(c["dpo_pairs"]))
+    grid = Table.grid(padding=1)
+    grid.add_row(table)
+    grid.add_row(contrib)
+    return grid
 
 
 def main() -> None:
