@@ -25,7 +25,7 @@ from fusechat.prompts import read_prompts
 from fusechat.sample.engines import Completion, check_engine, open_engine
 from fusechat.sample.render import chat_template, render_ids, stop_token_ids, with_system
 from fusechat.shards import ChunkDir, ShardSpec, chunk_ranges
-from fusechat.store import RunStore, StageResult, Version, fingerprint, run_stage
+from fusechat.store import RunStore, StageResult, Version, fingerprint, model_identity, run_stage
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -81,7 +81,9 @@ def probe_prompt(prompts: list[dict[str, Any]], plan: list[tuple[str, list[int]]
 
 
 def stage_config(cfg: FusechatConfig) -> dict[str, Any]:
-    return {"seed": cfg.seed, "sources": [s.model_dump(mode="json") for s in cfg.sources]}
+    """The sources' settings and the identity of their weights: a model rebuilt in place is not a cache hit."""
+    return {"seed": cfg.seed, "sources": [s.model_dump(mode="json") for s in cfg.sources],
+            "models": {s.name: model_identity(s.model) for s in cfg.sources}}
 
 
 # --------------------------------------------------------------------------------------------- preparing a source
