@@ -148,7 +148,10 @@ def _reward_job(root: Path, spec: WorldSpec) -> dict[str, Any]:
 
 def _one_thread() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
+    import datasets
     import torch
+
+    datasets.disable_progress_bars()
 
     torch.set_num_threads(1)
 
@@ -198,10 +201,18 @@ def _train_lm(job: dict[str, Any]) -> str:
     out = root / "models" / r.name
     args = SFTConfig(**_common_args(out, r.steps, job["batch_size"], r.lr, seed))
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    _quiet(trainer)
     trainer.train()
     save_tiny(trainer.model, tok, out)
     shutil.rmtree(out / "_trainer", ignore_errors=True)
     return r.name
+
+
+def _quiet(trainer) -> None:
+    """World building reports one line per model, not every loss (the logs stay in the trainer state)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
 
 
 def _head(rows: list[dict[str, Any]], share: float) -> list[dict[str, Any]]:
@@ -235,6 +246,7 @@ def _train_reward(job: dict[str, Any]) -> str:
     args = RewardConfig(**_common_args(out, job["steps"], job["batch_size"], 1e-3, seed))
     trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                             processing_class=tok)
+    _quiet(trainer)
     trainer.train()
     save_tiny(trainer.model, tok, out)
     shutil.rmtree(out / "_trainer", ignore_errors=True)
