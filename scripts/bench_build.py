@@ -43,11 +43,18 @@ def generate(root: Path, n_responses: int, max_length: int | None, seed: int = 0
     pool = [" ".join(rng.choice(words, 330)) for _ in range(4096)]  # ~2 KB each
     tok = build_tokenizer("llama3", "bpe", corpus=pool[:400], vocab_size=4000)
     tok.save_pretrained(root / "target")
-    config = {"name": "bench", "workdir": str(root / "runs"), "seed": seed,
-              "prompts": {"sources": [{"name": "x", "path": "x.jsonl", "domain": "chat", "fields": {"prompt": "q"}}]},
-              "build": {"sft_only_domains": ["chinese"], "verified_domains": {"math": "math", "code": "code"},
-                        "max_length": max_length},
-              "target": {"path": str(root / "target")}}
+    config = {
+        "name": "bench",
+        "workdir": str(root / "runs"),
+        "seed": seed,
+        "prompts": {"sources": [{"name": "x", "path": "x.jsonl", "domain": "chat", "fields": {"prompt": "q"}}]},
+        "build": {
+            "sft_only_domains": ["chinese"],
+            "verified_domains": {"math": "math", "code": "code"},
+            "max_length": max_length,
+        },
+        "target": {"path": str(root / "target")},
+    }
     (root / "cfg.yaml").write_text(json.dumps(config))
     cfg = load_config(root / "cfg.yaml", check_trl=False)
     store = RunStore(cfg.run_dir)
@@ -60,9 +67,19 @@ def generate(root: Path, n_responses: int, max_length: int | None, seed: int = 0
 
     def prompts_body(out: Path) -> StageResult:
         (out / "data").mkdir(parents=True)
-        messages = [[{"role": "user", "content": f"Question {i}: " + pool[i % len(pool)][:200]}] for i in range(n_prompts)]
-        table = pa.table({"prompt_id": ids, "domain": domain, "split": split, "messages": messages,
-                          "reference": [None] * n_prompts, "origin": ["bench"] * n_prompts})
+        messages = [
+            [{"role": "user", "content": f"Question {i}: " + pool[i % len(pool)][:200]}] for i in range(n_prompts)
+        ]
+        table = pa.table(
+            {
+                "prompt_id": ids,
+                "domain": domain,
+                "split": split,
+                "messages": messages,
+                "reference": [None] * n_prompts,
+                "origin": ["bench"] * n_prompts,
+            }
+        )
         pq.write_table(table.cast(PROMPTS_SCHEMA), out / "data" / "prompts.parquet")
         return StageResult(counts={"prompts": n_prompts})
 
@@ -83,9 +100,16 @@ def generate(root: Path, n_responses: int, max_length: int | None, seed: int = 0
             text = [pool[j] + f" [{i}]" for j, i in zip(pick.tolist(), r.tolist(), strict=True)]
             for i in np.flatnonzero(rng.random(len(r)) < 0.005):
                 text[i] = " "
-            table = pa.table({"prompt_id": pa.array(ids).take(p), "source": np.array(SOURCES)[s], "sample_index": k,
-                              "text": text, "num_tokens": np.full(len(r), 500),
-                              "finish_reason": np.where(rng.random(len(r)) < 0.03, "length", "stop")})
+            table = pa.table(
+                {
+                    "prompt_id": pa.array(ids).take(p),
+                    "source": np.array(SOURCES)[s],
+                    "sample_index": k,
+                    "text": text,
+                    "num_tokens": np.full(len(r), 500),
+                    "finish_reason": np.where(rng.random(len(r)) < 0.03, "length", "stop"),
+                }
+            )
             pq.write_table(table.cast(SAMPLES_SCHEMA), out / "data" / f"chunk-{b:05d}.parquet", row_group_size=16_384)
             print(f"\rsamples: {r[-1] + 1:,} responses", end="", flush=True)
         print()
@@ -99,9 +123,16 @@ def generate(root: Path, n_responses: int, max_length: int | None, seed: int = 0
         for b, r, p, s, k in batches():
             reward = base[p] + 0.01 * s + rng.normal(0, 0.03, len(r))
             correct = np.where(verified[p], rng.random(len(r)) < 0.7, False)
-            table = pa.table({"prompt_id": pa.array(ids).take(p), "source": np.array(SOURCES)[s], "sample_index": k,
-                              "reward": pa.array(reward, mask=rng.random(len(r)) < 0.001),
-                              "correct": pa.array(correct, mask=~verified[p]), "verdict": ["ok"] * len(r)})
+            table = pa.table(
+                {
+                    "prompt_id": pa.array(ids).take(p),
+                    "source": np.array(SOURCES)[s],
+                    "sample_index": k,
+                    "reward": pa.array(reward, mask=rng.random(len(r)) < 0.001),
+                    "correct": pa.array(correct, mask=~verified[p]),
+                    "verdict": ["ok"] * len(r),
+                }
+            )
             pq.write_table(table, out / "data" / f"chunk-{b:05d}.parquet")
         return StageResult()
 
@@ -117,17 +148,27 @@ def build_once(config: str) -> None:
 
     cfg = load_config(config, check_trl=False)
     version = run_build(cfg, RunStore(cfg.run_dir), force=True)
-    print(json.dumps({"version": version.name, "counts": {k: v for k, v in version.manifest["counts"].items()
-                                                          if not isinstance(v, dict)},
-                      "timings": version.manifest["timings"]}))
+    print(
+        json.dumps(
+            {
+                "version": version.name,
+                "counts": {k: v for k, v in version.manifest["counts"].items() if not isinstance(v, dict)},
+                "timings": version.manifest["timings"],
+            }
+        )
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--responses", type=int, default=3_200_000)
     ap.add_argument("--out", type=Path, default=Path("/tmp/fusechat-bench-build"))
-    ap.add_argument("--max-length", default="2048", help="build.max_length; 'none' skips the length filter "
-                    "(tokenizing the kept texts in the target tokenizer dominates on a small CPU)")
+    ap.add_argument(
+        "--max-length",
+        default="2048",
+        help="build.max_length; 'none' skips the length filter "
+        "(tokenizing the kept texts in the target tokenizer dominates on a small CPU)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the generated versions")
     ap.add_argument("--build-only", metavar="CONFIG", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -147,10 +188,22 @@ def main() -> None:
         sys.exit(proc.stderr)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(json.dumps({"responses": args.responses, "max_length": args.max_length, "build_wall_s": round(wall, 1), "peak_rss_mb": round(peak_mb),
-                      **result}, indent=1))
-    print(f"targets: wall < 120 s: {'ok' if wall < 120 else 'MISSED'}; peak < 4096 MB: "
-          f"{'ok' if peak_mb < 4096 else 'MISSED'}")
+    print(
+        json.dumps(
+            {
+                "responses": args.responses,
+                "max_length": args.max_length,
+                "build_wall_s": round(wall, 1),
+                "peak_rss_mb": round(peak_mb),
+                **result,
+            },
+            indent=1,
+        )
+    )
+    print(
+        f"targets: wall < 120 s: {'ok' if wall < 120 else 'MISSED'}; peak < 4096 MB: "
+        f"{'ok' if peak_mb < 4096 else 'MISSED'}"
+    )
     if not args.keep:
         shutil.rmtree(args.out, ignore_errors=True)
 

@@ -38,13 +38,20 @@ def main() -> None:
         # short: per-call overhead dominates (as on a GPU); chat: this CPU is compute-bound at ~180 tokens
         for name, prompt_words, response_words in (("short", (1, 3), (1, 6)), ("chat", (3, 12), (5, 40))):
             rng = random.Random(0)
-            convs = [conversation([{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(*prompt_words)))}],
-                                  " ".join(rng.choices(words, k=rng.randint(*response_words)))) for _ in range(args.n)]
+            convs = [
+                conversation(
+                    [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(*prompt_words)))}],
+                    " ".join(rng.choices(words, k=rng.randint(*response_words))),
+                )
+                for _ in range(args.n)
+            ]
             single_s, batched_s, diff = measure(rm, convs)
             tokens = sum(len(s) for s in rm.encode(convs)[0]) / len(convs)
-            print(f"[{name}] {tokens:.0f} tokens/response: one per forward {args.n / single_s:.1f} responses/s, "
-                  f"batched {args.n / batched_s:.1f} responses/s, speed-up {single_s / batched_s:.1f}x, "
-                  f"max |score difference| {diff:.1e}")
+            print(
+                f"[{name}] {tokens:.0f} tokens/response: one per forward {args.n / single_s:.1f} responses/s, "
+                f"batched {args.n / batched_s:.1f} responses/s, speed-up {single_s / batched_s:.1f}x, "
+                f"max |score difference| {diff:.1e}"
+            )
 
 
 def measure(rm, convs) -> tuple[float, float, float]:
@@ -64,6 +71,7 @@ def measure(rm, convs) -> tuple[float, float, float]:
     batched = rm.score(convs).rewards
     batched_s = time.perf_counter() - started
     return single_s, batched_s, max(abs(a - b) for a, b in zip(one_by_one, batched, strict=True))
+
 
 if __name__ == "__main__":
     main()

@@ -25,20 +25,31 @@ SOURCES = ("alpha", "beta", "gamma")
 
 
 def write_config(root: Path, target: Path, **build) -> Path:
-    items = {"chat": [f"Write a line about topic {i}." for i in range(30)],
-             "math": [f"What is {i} + {i}?" for i in range(30)],
-             "chinese": [f"写一句关于{i}的话。" for i in range(6)]}
+    items = {
+        "chat": [f"Write a line about topic {i}." for i in range(30)],
+        "math": [f"What is {i} + {i}?" for i in range(30)],
+        "chinese": [f"写一句关于{i}的话。" for i in range(6)],
+    }
     sources = []
     for domain, texts in items.items():
         path = root / f"{domain}.jsonl"
         path.write_text("".join(json.dumps({"q": t, "a": "x"}) + "\n" for t in texts))
         fields = {"prompt": "q", "answer": "a"} if domain == "math" else {"prompt": "q"}
         sources.append({"name": domain, "path": str(path), "domain": domain, "fields": fields})
-    cfg = {"name": "b", "workdir": str(root / "runs"), "seed": 11,
-           "prompts": {"sources": sources, "default_sft_ratio": 0.5},
-           "build": {"margin": [0.01, 0.1], "sft_only_domains": ["chinese"], "verified_domains": {"math": "math"},
-                     "max_length": 2048, **build},
-           "target": {"path": str(target)}}
+    cfg = {
+        "name": "b",
+        "workdir": str(root / "runs"),
+        "seed": 11,
+        "prompts": {"sources": sources, "default_sft_ratio": 0.5},
+        "build": {
+            "margin": [0.01, 0.1],
+            "sft_only_domains": ["chinese"],
+            "verified_domains": {"math": "math"},
+            "max_length": 2048,
+            **build,
+        },
+        "target": {"path": str(target)},
+    }
     path = root / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     return path
@@ -53,14 +64,34 @@ def write_responses(store: RunStore, prompts_version, seed: int = 0, tamper=None
     for row in read_prompts(prompts_version).to_pylist():
         for src in rng.sample(SOURCES, rng.randint(1, 3)):
             for k in range(rng.randint(1, 4)):
-                text = rng.choice([f"{src} says {k} about {row['prompt_id'][:6]}", "same text", "   ",
-                                   f"long answer {'x' * 300}"]) if rng.random() < 0.3 else f"{src}-{k}-{row['prompt_id']}"
-                samples.append({"prompt_id": row["prompt_id"], "source": src, "sample_index": k, "text": text,
-                                "num_tokens": len(text), "finish_reason": "length" if rng.random() < 0.08 else "stop"})
+                text = (
+                    rng.choice(
+                        [f"{src} says {k} about {row['prompt_id'][:6]}", "same text", "   ", f"long answer {'x' * 300}"]
+                    )
+                    if rng.random() < 0.3
+                    else f"{src}-{k}-{row['prompt_id']}"
+                )
+                samples.append(
+                    {
+                        "prompt_id": row["prompt_id"],
+                        "source": src,
+                        "sample_index": k,
+                        "text": text,
+                        "num_tokens": len(text),
+                        "finish_reason": "length" if rng.random() < 0.08 else "stop",
+                    }
+                )
                 reward = rng.choice([None, float("nan")]) if rng.random() < 0.05 else round(rng.uniform(0.0, 0.15), 4)
-                scores.append({"prompt_id": row["prompt_id"], "source": src, "sample_index": k, "reward": reward,
-                               "correct": rng.random() < 0.6 if row["domain"] == "math" else None,
-                               "verdict": "ok"})
+                scores.append(
+                    {
+                        "prompt_id": row["prompt_id"],
+                        "source": src,
+                        "sample_index": k,
+                        "reward": reward,
+                        "correct": rng.random() < 0.6 if row["domain"] == "math" else None,
+                        "verdict": "ok",
+                    }
+                )
     if tamper:
         tamper(samples, scores)
 
@@ -71,12 +102,20 @@ def write_responses(store: RunStore, prompts_version, seed: int = 0, tamper=None
             for i, part in enumerate((rows[:half], rows[half:])):
                 pq.write_table(pa.Table.from_pylist(part), out / "data" / f"part-{i}.parquet", row_group_size=37)
             return StageResult(counts={"rows": len(rows)})
+
         return body
 
-    sv = run_stage(store, "samples", {"seed": seed}, {"prompts": prompts_version}, writer("samples", samples),
-                   log=lambda m: None)
-    cv = run_stage(store, "scores", {"seed": seed, "t": bool(tamper)}, {"samples": sv}, writer("scores", scores),
-                   log=lambda m: None)
+    sv = run_stage(
+        store, "samples", {"seed": seed}, {"prompts": prompts_version}, writer("samples", samples), log=lambda m: None
+    )
+    cv = run_stage(
+        store,
+        "scores",
+        {"seed": seed, "t": bool(tamper)},
+        {"samples": sv},
+        writer("scores", scores),
+        log=lambda m: None,
+    )
     return sv, cv, samples, scores
 
 
@@ -88,8 +127,15 @@ def world(tmp_path_factory, tiny_llama):
     pv = run_prompts(cfg, store, log=lambda m: None)
     sv, cv, samples, scores = write_responses(store, pv)
     version = run_build(cfg, store, log=lambda m: None)
-    return {"root": root, "cfg": cfg, "store": store, "prompts": pv, "samples": samples, "scores": scores,
-            "version": version}
+    return {
+        "root": root,
+        "cfg": cfg,
+        "store": store,
+        "prompts": pv,
+        "samples": samples,
+        "scores": scores,
+        "version": version,
+    }
 
 
 def test_rows_follow_the_selection_rules(world):
@@ -99,7 +145,12 @@ def test_rows_follow_the_selection_rules(world):
 
     def acceptable(key, chosen=True):
         s, t = score[key], text[key]
-        ok = s["reward"] is not None and s["reward"] == s["reward"] and t["finish_reason"] == "stop" and t["text"].strip()
+        ok = (
+            s["reward"] is not None
+            and s["reward"] == s["reward"]
+            and t["finish_reason"] == "stop"
+            and t["text"].strip()
+        )
         if prompts[key[0]]["domain"] == "math":
             return ok and s["correct"] is chosen
         return bool(ok)
@@ -111,16 +162,21 @@ def test_rows_follow_the_selection_rules(world):
         key = (row["prompt_id"], row["source"], row["sample_index"])
         assert prompts[row["prompt_id"]]["split"] == "sft" and acceptable(key)
         assert row["reward"] == max(score[k]["reward"] for k in score if k[0] == row["prompt_id"] and acceptable(k))
-        assert row["messages"] == [*prompts[row["prompt_id"]]["messages"], {"role": "assistant",
-                                                                              "content": text[key]["text"]}]
+        assert row["messages"] == [
+            *prompts[row["prompt_id"]]["messages"],
+            {"role": "assistant", "content": text[key]["text"]},
+        ]
     for row in dpo:
-        c, r = (row["prompt_id"], row["source"], row["chosen_index"]), (row["prompt_id"], row["source"],
-                                                                        row["rejected_index"])
+        c, r = (
+            (row["prompt_id"], row["source"], row["chosen_index"]),
+            (row["prompt_id"], row["source"], row["rejected_index"]),
+        )
         assert prompts[row["prompt_id"]]["split"] == "dpo" and prompts[row["prompt_id"]]["domain"] != "chinese"
         assert acceptable(c) and acceptable(r, chosen=False)
         assert row["chosen_reward"] == max(score[k]["reward"] for k in score if k[:2] == c[:2] and acceptable(k))
-        assert row["rejected_reward"] == min(score[k]["reward"] for k in score
-                                             if k[:2] == c[:2] and acceptable(k, chosen=False))
+        assert row["rejected_reward"] == min(
+            score[k]["reward"] for k in score if k[:2] == c[:2] and acceptable(k, chosen=False)
+        )
         assert 0.01 - 1e-9 <= row["chosen_reward"] - row["rejected_reward"] <= 0.1 + 1e-9
         assert row["prompt"] == prompts[row["prompt_id"]]["messages"]
         assert row["chosen"] == [{"role": "assistant", "content": text[c]["text"]}]
@@ -165,7 +221,9 @@ def test_max_length_drops_and_counts_long_rows(world):
     dpo = pq.read_table(version.path / "dpo" / "train.parquet")
     assert max(dpo.column("chosen_tokens").to_pylist() + dpo.column("rejected_tokens").to_pylist()) <= 60
     base = json.loads((world["version"].path / "stats.json").read_text())
-    assert stats["sft"]["rows"] + stats["sft"]["dropped"]["too_long"] == base["sft"]["rows"] + base["sft"]["dropped"].get("too_long", 0)
+    assert stats["sft"]["rows"] + stats["sft"]["dropped"]["too_long"] == base["sft"]["rows"] + base["sft"][
+        "dropped"
+    ].get("too_long", 0)
 
 
 def test_identical_texts_are_dropped(tmp_path, tiny_llama):
@@ -183,13 +241,16 @@ def test_identical_texts_are_dropped(tmp_path, tiny_llama):
     assert stats["max_length"] is None and stats["sft"]["tokens"] == {"count": 0}
 
 
-@pytest.mark.parametrize(("tamper", "message"), [
-    (lambda sa, sc: sc.append({**sc[0], "source": "delta"}), "source 'delta' has no responses in the samples"),
-    (lambda sa, sc: sc.append({**sc[0], "sample_index": 99}), "which is not a response of samples/"),
-    (lambda sa, sc: sc.append(dict(sc[0])), "second score for"),
-    (lambda sa, sc: sc.pop(), "has no score for 1 of"),
-    (lambda sa, sc: sc.append({**sc[0], "prompt_id": "nope"}), "prompt_id 'nope' is not in prompts/v001"),
-])
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda sa, sc: sc.append({**sc[0], "source": "delta"}), "source 'delta' has no responses in the samples"),
+        (lambda sa, sc: sc.append({**sc[0], "sample_index": 99}), "which is not a response of samples/"),
+        (lambda sa, sc: sc.append(dict(sc[0])), "second score for"),
+        (lambda sa, sc: sc.pop(), "has no score for 1 of"),
+        (lambda sa, sc: sc.append({**sc[0], "prompt_id": "nope"}), "prompt_id 'nope' is not in prompts/v001"),
+    ],
+)
 def test_scores_that_do_not_match_the_samples_are_clear_errors(tmp_path, tiny_llama, tamper, message):
     cfg = load_config(write_config(tmp_path, tiny_llama, max_length=None), check_trl=False)
     store = RunStore(cfg.run_dir)
@@ -201,8 +262,9 @@ def test_scores_that_do_not_match_the_samples_are_clear_errors(tmp_path, tiny_ll
 
 def run_cli(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "fusechat.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fusechat.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 @pytest.mark.slow
@@ -214,8 +276,9 @@ def test_cli_errors_and_summary_table(world, tmp_path, tiny_llama):
     assert res.returncode == 2 and "--input scores=v007" in res.stderr and "does not exist" in res.stderr
     res = run_cli("build", "-c", str(world["root"] / "cfg.yaml"), "--input", "sft=v001", cwd=tmp_path)
     assert res.returncode == 2 and "build reads prompts, samples, scores" in res.stderr
-    res = run_cli("build", "-c", str(world["root"] / "cfg.yaml"), "--set", "build.pair_source_rule=random",
-                  cwd=tmp_path)
+    res = run_cli(
+        "build", "-c", str(world["root"] / "cfg.yaml"), "--set", "build.pair_source_rule=random", cwd=tmp_path
+    )
     assert res.returncode == 0, res.stderr
     for title in ("datasets by domain", "dropped", "winning source per domain", "dpo margins", "sft_only_domain"):
         assert title in res.stdout

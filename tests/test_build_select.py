@@ -21,11 +21,23 @@ def cands(*rows: tuple) -> pa.Table:
     """(prompt_id, source, sample_index, reward[, correct[, truncated[, empty]]])"""
     out = []
     for r in rows:
-        r = (*r, *(None, False, False)[len(r) - 4:])
-        out.append(dict(zip(("prompt_id", "source", "sample_index", "reward", "correct", "truncated", "empty"), r, strict=True)))
-    schema = pa.schema([("prompt_id", pa.string()), ("source", pa.string()), ("sample_index", pa.int32()),
-                        ("reward", pa.float64()), ("correct", pa.bool_()), ("truncated", pa.bool_()),
-                        ("empty", pa.bool_())])
+        r = (*r, *(None, False, False)[len(r) - 4 :])
+        out.append(
+            dict(
+                zip(("prompt_id", "source", "sample_index", "reward", "correct", "truncated", "empty"), r, strict=True)
+            )
+        )
+    schema = pa.schema(
+        [
+            ("prompt_id", pa.string()),
+            ("source", pa.string()),
+            ("sample_index", pa.int32()),
+            ("reward", pa.float64()),
+            ("correct", pa.bool_()),
+            ("truncated", pa.bool_()),
+            ("empty", pa.bool_()),
+        ]
+    )
     return pa.Table.from_pylist(out, schema=schema)
 
 
@@ -38,8 +50,14 @@ RULES = BuildConfig(margin=(0.01, 0.1), max_length=None)
 
 def test_sft_takes_the_global_best_and_ignores_nan_null_truncated_empty():
     p = prompts(("a", "chat", "sft"))
-    c = cands(("a", "m1", 0, 0.30), ("a", "m2", 0, 0.50), ("a", "m2", 1, float("nan")), ("a", "m1", 1, None),
-              ("a", "m3", 0, 0.90, None, True), ("a", "m3", 1, 0.80, None, False, True))
+    c = cands(
+        ("a", "m1", 0, 0.30),
+        ("a", "m2", 0, 0.50),
+        ("a", "m2", 1, float("nan")),
+        ("a", "m1", 1, None),
+        ("a", "m3", 0, 0.90, None, True),
+        ("a", "m3", 1, 0.80, None, False, True),
+    )
     sel = select(p, c, RULES, seed=1)
     assert picks(sel.sft, "prompt_id", "source", "sample_index", "reward") == [("a", "m2", 0, 0.5)]
     assert sel.excluded == {"nan_reward": 1, "null_reward": 1, "truncated": 1, "empty": 1}
@@ -49,9 +67,14 @@ def test_sft_takes_the_global_best_and_ignores_nan_null_truncated_empty():
 
 def test_math_sft_only_among_correct_and_all_incorrect_dropped():
     p = prompts(("a", "math", "sft"), ("b", "math", "sft"), ("c", "math", "sft"))
-    c = cands(("a", "m1", 0, 0.9, False), ("a", "m2", 0, 0.2, True), ("a", "m2", 1, 0.5, True),
-              ("b", "m1", 0, 0.9, False), ("b", "m2", 0, 0.8, False),
-              ("c", "m1", 0, float("nan"), True))
+    c = cands(
+        ("a", "m1", 0, 0.9, False),
+        ("a", "m2", 0, 0.2, True),
+        ("a", "m2", 1, 0.5, True),
+        ("b", "m1", 0, 0.9, False),
+        ("b", "m2", 0, 0.8, False),
+        ("c", "m1", 0, float("nan"), True),
+    )
     sel = select(p, c, BuildConfig(verified_domains={"math": "math"}, max_length=None), seed=0)
     assert picks(sel.sft, "prompt_id", "source", "sample_index") == [("a", "m2", 1)]
     assert sel.dropped["sft"] == {"no_acceptable_response": 1, "no_usable_response": 1}
@@ -83,10 +106,19 @@ def test_dpo_pairs_within_one_source_and_margin_band():
     p = prompts(("in", "chat", "dpo"), ("wide", "chat", "dpo"), ("narrow", "chat", "dpo"), ("mixed", "chat", "dpo"))
     c = cands(
         # in band: m1 0.51 vs 0.41 (0.1 exactly, float error notwithstanding); m2 has the global best but 0.5 gap
-        ("in", "m1", 0, 0.51), ("in", "m1", 1, 0.41), ("in", "m1", 2, 0.45), ("in", "m2", 0, 0.95), ("in", "m2", 1, 0.45),
-        ("wide", "m1", 0, 0.9), ("wide", "m1", 1, 0.1),
-        ("narrow", "m1", 0, 0.5), ("narrow", "m1", 1, 0.505),
-        ("mixed", "m1", 0, 0.9), ("mixed", "m1", 1, 0.1), ("mixed", "m2", 0, 0.5), ("mixed", "m2", 1, 0.5),
+        ("in", "m1", 0, 0.51),
+        ("in", "m1", 1, 0.41),
+        ("in", "m1", 2, 0.45),
+        ("in", "m2", 0, 0.95),
+        ("in", "m2", 1, 0.45),
+        ("wide", "m1", 0, 0.9),
+        ("wide", "m1", 1, 0.1),
+        ("narrow", "m1", 0, 0.5),
+        ("narrow", "m1", 1, 0.505),
+        ("mixed", "m1", 0, 0.9),
+        ("mixed", "m1", 1, 0.1),
+        ("mixed", "m2", 0, 0.5),
+        ("mixed", "m2", 1, 0.5),
     )
     sel = select(p, c, RULES, seed=0)
     assert picks(sel.dpo, "prompt_id", "source", "chosen_index", "rejected_index") == [("in", "m1", 0, 1)]
@@ -105,13 +137,20 @@ def test_dpo_single_response_per_source_gives_no_pair():
 
 
 def test_math_dpo_chosen_correct_rejected_incorrect():
-    p = prompts(("a", "math", "dpo"), ("allwrong", "math", "dpo"), ("allright", "math", "dpo"),
-                ("split", "math", "dpo"))
+    p = prompts(
+        ("a", "math", "dpo"), ("allwrong", "math", "dpo"), ("allright", "math", "dpo"), ("split", "math", "dpo")
+    )
     c = cands(
-        ("a", "m1", 0, 0.60, True), ("a", "m1", 1, 0.65, False), ("a", "m1", 2, 0.55, True), ("a", "m1", 3, 0.58, False),
-        ("allwrong", "m1", 0, 0.6, False), ("allwrong", "m1", 1, 0.55, False),
-        ("allright", "m1", 0, 0.6, True), ("allright", "m1", 1, 0.55, True),
-        ("split", "m1", 0, 0.6, True), ("split", "m2", 0, 0.55, False),
+        ("a", "m1", 0, 0.60, True),
+        ("a", "m1", 1, 0.65, False),
+        ("a", "m1", 2, 0.55, True),
+        ("a", "m1", 3, 0.58, False),
+        ("allwrong", "m1", 0, 0.6, False),
+        ("allwrong", "m1", 1, 0.55, False),
+        ("allright", "m1", 0, 0.6, True),
+        ("allright", "m1", 1, 0.55, True),
+        ("split", "m1", 0, 0.6, True),
+        ("split", "m2", 0, 0.55, False),
     )
     sel = select(p, c, BuildConfig(verified_domains={"math": "math"}, max_length=None), seed=0)
     # chosen: best correct (0.60); rejected: lowest incorrect (0.58); the higher-reward incorrect 0.65 is not chosen
@@ -122,8 +161,14 @@ def test_math_dpo_chosen_correct_rejected_incorrect():
 @pytest.mark.parametrize(("rule", "expected"), [("largest_margin", "m2"), ("highest_chosen", "m1")])
 def test_pair_source_rules(rule, expected):
     p = prompts(("a", "chat", "dpo"))
-    c = cands(("a", "m1", 0, 0.90), ("a", "m1", 1, 0.88), ("a", "m2", 0, 0.60), ("a", "m2", 1, 0.52),
-              ("a", "m3", 0, 0.30), ("a", "m3", 1, 0.0))
+    c = cands(
+        ("a", "m1", 0, 0.90),
+        ("a", "m1", 1, 0.88),
+        ("a", "m2", 0, 0.60),
+        ("a", "m2", 1, 0.52),
+        ("a", "m3", 0, 0.30),
+        ("a", "m3", 1, 0.0),
+    )
     sel = select(p, c, BuildConfig(pair_source_rule=rule, max_length=None), seed=0)
     assert picks(sel.dpo, "source") == [(expected,)]
     two = select(p, c, BuildConfig(pair_source_rule=rule, pairs_per_prompt=2, max_length=None), seed=0)
@@ -141,8 +186,13 @@ def test_random_rule_is_seeded_per_prompt():
 
 
 def test_sft_only_domains_and_splits_are_disjoint():
-    p = prompts(("z1", "chinese", "dpo"), ("z2", "chinese", "sft"), ("c1", "chat", "sft"), ("c2", "chat", "dpo"),
-                ("none", "chat", "sft"))
+    p = prompts(
+        ("z1", "chinese", "dpo"),
+        ("z2", "chinese", "sft"),
+        ("c1", "chat", "sft"),
+        ("c2", "chat", "dpo"),
+        ("none", "chat", "sft"),
+    )
     rows = [(pid, "m1", k, 0.5 - 0.05 * k) for pid in ("z1", "z2", "c1", "c2") for k in range(2)]
     sel = select(p, cands(*rows), BuildConfig(sft_only_domains=["chinese"], max_length=None), seed=0)
     assert picks(sel.sft, "prompt_id") == [("z2",), ("c1",)]
@@ -188,8 +238,9 @@ def test_random_rows_match_a_brute_force_reading_of_the_rules():
     expected = {pid for pid, _, s in ids if s == "sft" and any(r[0] == pid and ok_chosen(r) for r in rows)}
     assert {x[0] for x in sft} == expected and len(sft) == len(expected)
 
-    for pid, src, ci, ri, cr, rr, m in picks(sel.dpo, "prompt_id", "source", "chosen_index", "rejected_index",
-                                                "chosen_reward", "rejected_reward", "margin"):
+    for pid, src, ci, ri, cr, rr, m in picks(
+        sel.dpo, "prompt_id", "source", "chosen_index", "rejected_index", "chosen_reward", "rejected_reward", "margin"
+    ):
         own = [r for r in rows if r[0] == pid and r[1] == src]
         assert split[pid] == "dpo" and ok_chosen(by_key[(pid, src, ci)]) and ok_rejected(by_key[(pid, src, ri)])
         assert cr == max(r[3] for r in own if ok_chosen(r))

@@ -76,8 +76,10 @@ def test_missing_required(tmp_path):
 
 
 def test_set_overrides_any_key(tmp_path):
-    cfg = load_config(write(tmp_path, MINIMAL), ["seed=7", "sft.learning_rate=3e-6", "prompts.sources.0.limit=5",
-                                                "build.margin=[0.0, 1.0]"])
+    cfg = load_config(
+        write(tmp_path, MINIMAL),
+        ["seed=7", "sft.learning_rate=3e-6", "prompts.sources.0.limit=5", "build.margin=[0.0, 1.0]"],
+    )
     assert cfg.seed == 7
     assert cfg.sft.trl_args() == {"learning_rate": 3e-6}
     assert cfg.prompts.sources[0].limit == 5

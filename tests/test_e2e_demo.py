@@ -12,8 +12,14 @@ from fusechat.store import RunStore
 
 def demo(cwd, *args) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "160"}
-    return subprocess.run([sys.executable, "-m", "fusechat.cli", "demo", "--small", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=1500)
+    return subprocess.run(
+        [sys.executable, "-m", "fusechat.cli", "demo", "--small", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
 
 
 @pytest.mark.slow
@@ -24,16 +30,25 @@ def test_small_demo_runs_every_stage_with_lineage(tmp_path):
     latest = {stage: store.latest(stage) for stage in ("prompts", "samples", "scores", "datasets", "sft", "dpo")}
     assert all(v is not None and v.manifest["status"] == "complete" for v in latest.values()), latest
     assert latest["samples"].manifest["inputs"] == {"prompts": latest["prompts"].name}
-    assert latest["scores"].manifest["inputs"] == {"samples": latest["samples"].name,
-                                                   "prompts": latest["prompts"].name}
-    assert latest["datasets"].manifest["inputs"] == {"prompts": latest["prompts"].name,
-                                                     "samples": latest["samples"].name,
-                                                     "scores": latest["scores"].name}
+    assert latest["scores"].manifest["inputs"] == {"samples": latest["samples"].name, "prompts": latest["prompts"].name}
+    assert latest["datasets"].manifest["inputs"] == {
+        "prompts": latest["prompts"].name,
+        "samples": latest["samples"].name,
+        "scores": latest["scores"].name,
+    }
     assert latest["sft"].manifest["inputs"] == {"datasets": latest["datasets"].name}
     assert latest["dpo"].manifest["inputs"] == {"datasets": latest["datasets"].name, "sft": latest["sft"].name}
     models = sorted(v.manifest["counts"]["model"] for v in store.versions("eval"))
-    assert models == sorted(["source:llama-src", "source:qwen2-src", "source:mistral-src", "target",
-                             f"sft/{latest['sft'].name}", f"dpo/{latest['dpo'].name}"])
+    assert models == sorted(
+        [
+            "source:llama-src",
+            "source:qwen2-src",
+            "source:mistral-src",
+            "target",
+            f"sft/{latest['sft'].name}",
+            f"dpo/{latest['dpo'].name}",
+        ]
+    )
     samples = latest["samples"].manifest["counts"]
     prompts = latest["prompts"].manifest["counts"]["prompts"]
     assert samples["samples"] == 3 * 4 * prompts  # three sources, k=4 on every prompt
@@ -41,8 +56,11 @@ def test_small_demo_runs_every_stage_with_lineage(tmp_path):
     assert f"sampling engine: {engine}" in first.stdout
 
     result = json.loads((tmp_path / "runs/demo/results.json").read_text())
-    assert [r["model"] for r in result["rows"]][-3:] == ["target before fusion", "target after SFT",
-                                                          "target after SFT+DPO"]
+    assert [r["model"] for r in result["rows"]][-3:] == [
+        "target before fusion",
+        "target after SFT",
+        "target after SFT+DPO",
+    ]
     assert set(result["contributions"]) == {"llama-src", "qwen2-src", "mistral-src"}
     table = (tmp_path / "runs/demo/results.md").read_text()
     assert "| target after SFT |" in table and "| source | SFT rows won | DPO pairs |" in table

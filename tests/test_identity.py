@@ -20,9 +20,13 @@ def test_sample_fingerprint_config_includes_source_weights(tmp_path):
     model = tmp_path / "m"
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"a")
-    cfg = FusechatConfig.model_validate({
-        "name": "t", "prompts": {"sources": [{"name": "p", "path": "p.jsonl", "domain": "d", "fields": {"prompt": "q"}}]},
-        "sources": [{"name": "s", "model": str(model)}]})
+    cfg = FusechatConfig.model_validate(
+        {
+            "name": "t",
+            "prompts": {"sources": [{"name": "p", "path": "p.jsonl", "domain": "d", "fields": {"prompt": "q"}}]},
+            "sources": [{"name": "s", "model": str(model)}],
+        }
+    )
     first = stage_config(cfg)
     (model / "model.safetensors").write_bytes(b"b")
     os.utime(model / "model.safetensors", ns=(1, 1))

@@ -27,8 +27,13 @@ def make_world(root: Path, ratio: float = 0.5) -> Path:
     rows = [{"q": f"What is {i} + {i}?", "a": str(2 * i)} for i in range(40)]
     rows += [{"q": "What is 3 + 4?", "a": "7"}, {"q": "  What   is 3 + 4? ", "a": "7"}, {"q": "   ", "a": "0"}]
     (root / "math.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    convs = [{"conversations": [{"from": "human", "value": f"Write a poem about {w}."}, {"from": "gpt", "value": "..."}],
-              "cat": "poetry" if w != "sums" else "Math"} for w in ["cats", "dogs", "sums", "rain", "snow", "sun"]]
+    convs = [
+        {
+            "conversations": [{"from": "human", "value": f"Write a poem about {w}."}, {"from": "gpt", "value": "..."}],
+            "cat": "poetry" if w != "sums" else "Math",
+        }
+        for w in ["cats", "dogs", "sums", "rain", "snow", "sun"]
+    ]
     pq.write_table(pa.Table.from_pylist(convs), root / "chat.parquet")
     cfg = {
         "name": "demo",
@@ -38,8 +43,13 @@ def make_world(root: Path, ratio: float = 0.5) -> Path:
             "sft_ratio": {"math": ratio, "instruction": 0.5},
             "sources": [
                 {"name": "math", "path": "math.jsonl", "domain": "math", "fields": {"prompt": "q", "answer": "a"}},
-                {"name": "chat", "path": "chat.parquet", "domain": "instruction",
-                 "fields": {"messages": "conversations"}, "exclude": {"cat": ["Math"]}},
+                {
+                    "name": "chat",
+                    "path": "chat.parquet",
+                    "domain": "instruction",
+                    "fields": {"messages": "conversations"},
+                    "exclude": {"cat": ["Math"]},
+                },
             ],
         },
     }
@@ -91,8 +101,12 @@ def test_prompts_cli_writes_caches_and_versions(tmp_path):
     table = pq.read_table(tmp_path / "runs/demo/prompts/v001/data/prompts.parquet")
     assert table.column_names == ["prompt_id", "domain", "split", "messages", "reference", "origin"]
     manifest = json.loads((tmp_path / "runs/demo/prompts/v001/manifest.json").read_text())
-    assert manifest["counts"]["by_source"]["math"] == {"read": 43, "kept": 41, "dropped_duplicate": 1,
-                                                         "dropped_empty": 1}
+    assert manifest["counts"]["by_source"]["math"] == {
+        "read": 43,
+        "kept": 41,
+        "dropped_duplicate": 1,
+        "dropped_empty": 1,
+    }
     assert manifest["counts"]["by_source"]["chat"] == {"read": 6, "kept": 5, "dropped_excluded": 1}
     assert manifest["counts"]["by_domain"] == {"instruction": {"sft": 2, "dpo": 3}, "math": {"sft": 20, "dpo": 21}}
     assert table.num_rows == 46 and len(set(table.column("prompt_id").to_pylist())) == 46
@@ -124,7 +138,9 @@ def test_same_inputs_same_ids_and_splits_elsewhere(tmp_path):
         os.chdir(root)
         try:
             v = run_prompts(load_config("cfg.yaml", check_trl=False), RunStore("runs/demo"), log=lambda s: None)
-            tables.append(sorted(zip(*[read_prompts(v).column(c).to_pylist() for c in ("prompt_id", "split")], strict=True)))
+            tables.append(
+                sorted(zip(*[read_prompts(v).column(c).to_pylist() for c in ("prompt_id", "split")], strict=True))
+            )
         finally:
             os.chdir(cwd)
     assert tables[0] == tables[1]
@@ -134,15 +150,26 @@ def test_same_inputs_same_ids_and_splits_elsewhere(tmp_path):
 @pytest.mark.parametrize(
     "mutate, expected",
     [
-        (lambda d, root: d["prompts"].update(surces=[]), "cfg.yaml: prompts.surces: unknown key; did you mean sources?"),
-        (lambda d, root: d["prompts"]["sources"][0].update(path="missing.jsonl"),
-         "prompts.sources[0].path: missing.jsonl: file not found"),
-        (lambda d, root: (root / "math.jsonl").write_text('{"q": "ok", "a": "1"}\n{"q": "broken"\n'),
-         "math.jsonl:2: malformed JSON line"),
-        (lambda d, root: d["prompts"]["sources"][0]["fields"].update(prompt="question"),
-         "math.jsonl:1: missing field 'question' (mapped by prompts.sources[0].fields)"),
-        (lambda d, root: d["prompts"]["sources"][0].update(path="no-such-org/no-such-dataset"),
-         "prompts.sources[0] (math): cannot load hub dataset 'no-such-org/no-such-dataset' (offline, or not found)"),
+        (
+            lambda d, root: d["prompts"].update(surces=[]),
+            "cfg.yaml: prompts.surces: unknown key; did you mean sources?",
+        ),
+        (
+            lambda d, root: d["prompts"]["sources"][0].update(path="missing.jsonl"),
+            "prompts.sources[0].path: missing.jsonl: file not found",
+        ),
+        (
+            lambda d, root: (root / "math.jsonl").write_text('{"q": "ok", "a": "1"}\n{"q": "broken"\n'),
+            "math.jsonl:2: malformed JSON line",
+        ),
+        (
+            lambda d, root: d["prompts"]["sources"][0]["fields"].update(prompt="question"),
+            "math.jsonl:1: missing field 'question' (mapped by prompts.sources[0].fields)",
+        ),
+        (
+            lambda d, root: d["prompts"]["sources"][0].update(path="no-such-org/no-such-dataset"),
+            "prompts.sources[0] (math): cannot load hub dataset 'no-such-org/no-such-dataset' (offline, or not found)",
+        ),
     ],
     ids=["typo", "missing-file", "malformed-jsonl", "unmapped-field", "hub-offline"],
 )
@@ -168,8 +195,13 @@ def test_sigkill_leaves_no_complete_version(tmp_path):
         for i in range(400_000):
             fh.write(json.dumps({"q": f"What is {i} times 7 plus some padding text?", "a": str(i * 7)}) + "\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([*FUSECHAT, "prompts", "-c", "cfg.yaml"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*FUSECHAT, "prompts", "-c", "cfg.yaml"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     stage_dir = tmp_path / "runs/demo/prompts"
     deadline = time.time() + 60
     while time.time() < deadline and not (stage_dir.exists() and any(stage_dir.glob(".tmp-*/spill.parquet"))):
@@ -191,9 +223,16 @@ def test_local_dataset_dir_and_limit(in_tmp):
     import datasets
 
     datasets.Dataset.from_list([{"text": f"prompt {i}"} for i in range(20)]).save_to_disk("ds")
-    cfg = FusechatConfig.model_validate({
-        "name": "d", "prompts": {"sources": [{"name": "ds", "path": "ds", "domain": "instruction",
-                                              "fields": {"prompt": "text"}, "limit": 7}]}})
+    cfg = FusechatConfig.model_validate(
+        {
+            "name": "d",
+            "prompts": {
+                "sources": [
+                    {"name": "ds", "path": "ds", "domain": "instruction", "fields": {"prompt": "text"}, "limit": 7}
+                ]
+            },
+        }
+    )
     from fusechat.prompts import read_prompts, run_prompts
 
     v = run_prompts(cfg, RunStore("runs/d"), log=lambda s: None)

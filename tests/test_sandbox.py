@@ -38,7 +38,10 @@ def test_correct_code_passes_and_wrong_code_fails():
     assert check_code(bad, tests, LIMITS) == "fail"
     assert check_code("def add(a, b) return", "assert add(1, 2) == 3", LIMITS) == "fail"  # syntax error
     assert check_code_many([(good, tests), (bad, tests), (good, "assert add(2, 2) == 4")], LIMITS) == [
-        "pass", "fail", "pass"]
+        "pass",
+        "fail",
+        "pass",
+    ]
 
 
 def test_exiting_before_the_tests_is_not_a_pass():
@@ -72,7 +75,9 @@ def test_cannot_write_outside_its_directory(in_tmp):
         if target.parent == in_tmp:
             assert verdict == "fail"
         assert not target.exists(), f"the sandbox wrote {target}"
-    assert run_program("open('inside.txt', 'w').write('ok')\nassert open('inside.txt').read() == 'ok'", LIMITS) == "pass"
+    assert (
+        run_program("open('inside.txt', 'w').write('ok')\nassert open('inside.txt').read() == 'ok'", LIMITS) == "pass"
+    )
 
 
 @as_root

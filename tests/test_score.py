@@ -20,26 +20,32 @@ from fusechat.store import RunStore, StageResult, run_stage
 
 
 # --------------------------------------------------------------------------------------------- math verifier
-@pytest.mark.parametrize("text, answer", [
-    ("First 3, then \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
-    ("\\boxed{a} then \\boxed{\\{1, \\sqrt{2}\\}}", "\\{1, \\sqrt{2}\\}"),
-    ("So the answer is 42. Check: 6*7", "42"),
-    ("We get 3 apples and then 1,250 pears", "1250"),
-    ("nothing numeric here", None),
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("First 3, then \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+        ("\\boxed{a} then \\boxed{\\{1, \\sqrt{2}\\}}", "\\{1, \\sqrt{2}\\}"),
+        ("So the answer is 42. Check: 6*7", "42"),
+        ("We get 3 apples and then 1,250 pears", "1250"),
+        ("nothing numeric here", None),
+    ],
+)
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
 
 
-@pytest.mark.parametrize("response, reference, verdict", [
-    ("\\boxed{0.5}", "\\frac{1}{2}", "correct"),
-    ("The answer is 3/4.", "0.75", "correct"),
-    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\sqrt{2}/2", "correct"),
-    ("\\boxed{\\{3, 1, 2\\}}", "\\{1,2,3\\}", "correct"),
-    ("\\boxed{12.0}", "12", "correct"),
-    ("\\boxed{1/3}", "0.5", "wrong"),
-    ("I give up.", "7", "no_answer"),
-])
+@pytest.mark.parametrize(
+    "response, reference, verdict",
+    [
+        ("\\boxed{0.5}", "\\frac{1}{2}", "correct"),
+        ("The answer is 3/4.", "0.75", "correct"),
+        ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\sqrt{2}/2", "correct"),
+        ("\\boxed{\\{3, 1, 2\\}}", "\\{1,2,3\\}", "correct"),
+        ("\\boxed{12.0}", "12", "correct"),
+        ("\\boxed{1/3}", "0.5", "wrong"),
+        ("I give up.", "7", "no_answer"),
+    ],
+)
 def test_check_answer(response, reference, verdict):
     assert check_answer(response, reference) == verdict
 
@@ -57,16 +63,51 @@ def test_math_checker_bounds_each_check():
 def _rows():
     user = [{"role": "user", "content": "q"}]
     return [
-        {"prompt_id": "a", "source": "s", "sample_index": 0, "text": "hello", "domain": "chat", "messages": user,
-         "reference": None},
-        {"prompt_id": "b", "source": "s", "sample_index": 0, "text": "\\boxed{2}", "domain": "math",
-         "messages": user, "reference": {"answer": "2"}},
-        {"prompt_id": "b", "source": "s", "sample_index": 1, "text": "\\boxed{3}", "domain": "math",
-         "messages": user, "reference": {"answer": "2"}},
-        {"prompt_id": "c", "source": "s", "sample_index": 0, "text": "\\boxed{3}", "domain": "math",
-         "messages": user, "reference": None},
-        {"prompt_id": "d", "source": "t", "sample_index": 0, "text": "x", "domain": "code", "messages": user,
-         "reference": {"tests": "assert x"}},
+        {
+            "prompt_id": "a",
+            "source": "s",
+            "sample_index": 0,
+            "text": "hello",
+            "domain": "chat",
+            "messages": user,
+            "reference": None,
+        },
+        {
+            "prompt_id": "b",
+            "source": "s",
+            "sample_index": 0,
+            "text": "\\boxed{2}",
+            "domain": "math",
+            "messages": user,
+            "reference": {"answer": "2"},
+        },
+        {
+            "prompt_id": "b",
+            "source": "s",
+            "sample_index": 1,
+            "text": "\\boxed{3}",
+            "domain": "math",
+            "messages": user,
+            "reference": {"answer": "2"},
+        },
+        {
+            "prompt_id": "c",
+            "source": "s",
+            "sample_index": 0,
+            "text": "\\boxed{3}",
+            "domain": "math",
+            "messages": user,
+            "reference": None,
+        },
+        {
+            "prompt_id": "d",
+            "source": "t",
+            "sample_index": 0,
+            "text": "x",
+            "domain": "code",
+            "messages": user,
+            "reference": {"tests": "assert x"},
+        },
     ]
 
 
@@ -77,13 +118,25 @@ def test_score_rows_routes_and_combines():
     def reward(convs):
         calls["reward"] = len(convs)
         assert all(c[-1]["role"] == "assistant" for c in convs)
-        return [float(len(c[-1]["content"])) for c in convs], [c[-1]["content"] == "hello" for c in convs], [5] * len(convs)
+        return (
+            [float(len(c[-1]["content"])) for c in convs],
+            [c[-1]["content"] == "hello" for c in convs],
+            [5] * len(convs),
+        )
 
-    scorers = Scorers(reward=reward, math=lambda items: ["correct" if t == "\\boxed{2}" else "wrong" for t, _ in items],
-                      code=lambda items: ["timeout" for _ in items])
+    scorers = Scorers(
+        reward=reward,
+        math=lambda items: ["correct" if t == "\\boxed{2}" else "wrong" for t, _ in items],
+        code=lambda items: ["timeout" for _ in items],
+    )
     out, timings = score_rows(_rows(), score, scorers)
-    assert [r["verdict"] for r in out] == ["reward:truncated", "reward:ok,math:correct", "reward:ok,math:wrong",
-                                           "reward:ok,math:no_reference", "code:timeout"]
+    assert [r["verdict"] for r in out] == [
+        "reward:truncated",
+        "reward:ok,math:correct",
+        "reward:ok,math:wrong",
+        "reward:ok,math:no_reference",
+        "code:timeout",
+    ]
     assert [r["correct"] for r in out] == [None, True, False, None, False]
     assert [r["reward"] for r in out] == [5.0, 9.0, 9.0, 9.0, None]
     assert calls["reward"] == 4 and set(timings) == {"reward", "math", "code"}
@@ -110,14 +163,36 @@ def _config(root: Path, reward_path: Path, **score_extra) -> Path:
     _write_jsonl(root / "chat.jsonl", [{"q": f"Tell me about topic {i}."} for i in range(3)])
     _write_jsonl(root / "math.jsonl", [{"q": q, "a": a} for q, a in MATH])
     _write_jsonl(root / "code.jsonl", [{"q": q, "t": t} for q, t in CODE])
-    score = {"reward_model": {"path": str(reward_path), "dtype": "float32", "batch_size": 4},
-             "routes": {"math": ["reward", "math"], "code": ["reward", "code"]}, "shard_size": 7,
-             "math": {"timeout_s": 5, "workers": 1}, "code": {"timeout_s": 1.5, "workers": 2}, **score_extra}
-    cfg = {"name": "t", "workdir": str(root / "runs"), "prompts": {"sources": [
-        {"name": "chat", "path": str(root / "chat.jsonl"), "domain": "chat", "fields": {"prompt": "q"}},
-        {"name": "gsm", "path": str(root / "math.jsonl"), "domain": "math", "fields": {"prompt": "q", "answer": "a"}},
-        {"name": "py", "path": str(root / "code.jsonl"), "domain": "code", "fields": {"prompt": "q", "tests": "t"}},
-    ]}, "score": score}
+    score = {
+        "reward_model": {"path": str(reward_path), "dtype": "float32", "batch_size": 4},
+        "routes": {"math": ["reward", "math"], "code": ["reward", "code"]},
+        "shard_size": 7,
+        "math": {"timeout_s": 5, "workers": 1},
+        "code": {"timeout_s": 1.5, "workers": 2},
+        **score_extra,
+    }
+    cfg = {
+        "name": "t",
+        "workdir": str(root / "runs"),
+        "prompts": {
+            "sources": [
+                {"name": "chat", "path": str(root / "chat.jsonl"), "domain": "chat", "fields": {"prompt": "q"}},
+                {
+                    "name": "gsm",
+                    "path": str(root / "math.jsonl"),
+                    "domain": "math",
+                    "fields": {"prompt": "q", "answer": "a"},
+                },
+                {
+                    "name": "py",
+                    "path": str(root / "code.jsonl"),
+                    "domain": "code",
+                    "fields": {"prompt": "q", "tests": "t"},
+                },
+            ]
+        },
+        "score": score,
+    }
     path = root / "cfg.yaml"
     path.write_text(json.dumps(cfg))
     return path
@@ -126,8 +201,10 @@ def _config(root: Path, reward_path: Path, **score_extra) -> Path:
 RESPONSES = {
     "chat": ["A short answer.", "A much longer and more detailed answer about the topic."],
     "math": ["The answer is 0.5.", "\\boxed{5}", "I think it is 9."],
-    "code": ["```python\ndef add(a, b):\n    return a + b\n\ndef neg(x):\n    return -x\n```",
-             "```python\nwhile True:\n    pass\n```"],
+    "code": [
+        "```python\ndef add(a, b):\n    return a + b\n\ndef neg(x):\n    return -x\n```",
+        "```python\nwhile True:\n    pass\n```",
+    ],
 }
 
 
@@ -143,8 +220,16 @@ def _make_samples(cfg_path: Path) -> tuple:
     for p in table:
         for source in ("alpha", "beta"):
             for k, text in enumerate(RESPONSES[p["domain"]][:2]):
-                rows.append({"prompt_id": p["prompt_id"], "source": source, "sample_index": k, "text": text,
-                             "num_tokens": len(text), "finish_reason": "stop"})
+                rows.append(
+                    {
+                        "prompt_id": p["prompt_id"],
+                        "source": source,
+                        "sample_index": k,
+                        "text": text,
+                        "num_tokens": len(text),
+                        "finish_reason": "stop",
+                    }
+                )
 
     def body(out: Path) -> StageResult:
         (out / "data").mkdir()
@@ -185,9 +270,14 @@ def test_stage_scores_every_sample(world):
     for r in got.values():
         domain_of[r["prompt_id"]] = r["domain"]
     verdicts = {(domain_of[r["prompt_id"]], r["verdict"]) for r in got.values()}
-    assert verdicts == {("chat", "reward:ok"), ("math", "reward:ok,math:correct"), ("math", "reward:ok,math:wrong"),
-                        ("math", "reward:ok,math:no_reference"), ("code", "reward:ok,code:pass"),
-                        ("code", "reward:ok,code:timeout")}
+    assert verdicts == {
+        ("chat", "reward:ok"),
+        ("math", "reward:ok,math:correct"),
+        ("math", "reward:ok,math:wrong"),
+        ("math", "reward:ok,math:no_reference"),
+        ("code", "reward:ok,code:pass"),
+        ("code", "reward:ok,code:timeout"),
+    }
     code_correct = {r["sample_index"]: r["correct"] for r in got.values() if r["domain"] == "code"}
     assert code_correct == {0: True, 1: False}
     assert all(r["correct"] is None for r in got.values() if r["domain"] == "chat")
@@ -197,15 +287,19 @@ def test_stage_scores_every_sample(world):
 
     messages = {p["prompt_id"]: p["messages"] for p in read_prompts(store.resolve("prompts")).to_pylist()}
     some = rows[:5]
-    direct = rm.score([[*messages[r["prompt_id"]], {"role": "assistant", "content": r["text"]}] for r in some],
-                      batch_size=1).rewards
+    direct = rm.score(
+        [[*messages[r["prompt_id"]], {"role": "assistant", "content": r["text"]}] for r in some], batch_size=1
+    ).rewards
     for r, d in zip(some, direct, strict=True):
         assert got[(r["prompt_id"], r["source"], r["sample_index"])]["reward"] == pytest.approx(d, abs=1e-4)
     m = version.manifest
     assert m["inputs"] == {"samples": samples.name, "prompts": "v001"}
     assert m["counts"]["by_verdict"]["code:timeout"] == 4 and m["counts"]["responses"] == 32
     assert set(m["timings"]["scorers"]) == {"reward", "math", "code"}
-    assert m["timings"]["scorers"]["reward"]["responses"] == 32 and m["timings"]["scorers"]["reward"]["responses_per_s"] > 0
+    assert (
+        m["timings"]["scorers"]["reward"]["responses"] == 32
+        and m["timings"]["scorers"]["reward"]["responses_per_s"] > 0
+    )
 
 
 @pytest.mark.slow
@@ -223,8 +317,10 @@ def test_shards_fill_one_version_and_resume(world, tmp_path):
     logs: list[str] = []
     assert run_score(cfg, store, pinned={}, shard=ShardSpec(1, 3), log=logs.append) is None
     partial = store.partials("scores")[0]
-    assert sorted(p.name for p in (partial / "data").glob("*.parquet")) == ["chunk-000000.parquet",
-                                                                           "chunk-000003.parquet"]
+    assert sorted(p.name for p in (partial / "data").glob("*.parquet")) == [
+        "chunk-000000.parquet",
+        "chunk-000003.parquet",
+    ]
     assert json.loads((partial / "progress.json").read_text())["rows_done"] == 14
     done = run_score(cfg, store, pinned={}, log=logs.append)  # no --shard: does what is left
     assert "resuming: 2 of 5 chunks already scored" in logs
@@ -240,8 +336,9 @@ def test_cli_score(world):
     from fusechat.cli import app
 
     cfg_path, *_ = world
-    result = CliRunner().invoke(app, ["score", "-c", str(cfg_path), "--input", "samples=v001", "--set",
-                                      "score.routes={}"])
+    result = CliRunner().invoke(
+        app, ["score", "-c", str(cfg_path), "--input", "samples=v001", "--set", "score.routes={}"]
+    )
     assert result.exit_code == 0, result.output
     assert "reward:ok: 32" in result.output and "reward: 32 responses" in result.output
     bad = CliRunner().invoke(app, ["score", "-c", str(cfg_path), "--set", "score.reward_model.path=./missing"])

@@ -24,8 +24,10 @@ pytestmark = pytest.mark.slow
 
 def _conversations(n: int = 40, seed: int = 0) -> list[list[dict[str, str]]]:
     rng = random.Random(seed)
-    convs = [conversation([{"role": "user", "content": "question " * rng.randint(1, 4)}],
-                          "word " * rng.randint(0, 18)) for _ in range(n)]
+    convs = [
+        conversation([{"role": "user", "content": "question " * rng.randint(1, 4)}], "word " * rng.randint(0, 18))
+        for _ in range(n)
+    ]
     convs.append(conversation([{"role": "user", "content": "hi"}], "a reply holding the pad token <|pad|> inside"))
     convs.append(conversation([{"role": "user", "content": "hi"}], "long " * 200))  # over max_length
     return convs
@@ -50,8 +52,9 @@ def test_template_bos_written_once(tiny_dir):
     rm = RewardModel(RewardModelConfig(path=str(path), dtype="float32"))
     ids, _ = rm.encode([conversation([{"role": "user", "content": "hi"}], "hello")])
     assert ids[0].count(rm.tokenizer.bos_token_id) == 1 and ids[0][0] == rm.tokenizer.bos_token_id
-    rendered = rm.tokenizer.apply_chat_template(conversation([{"role": "user", "content": "hi"}], "hello"),
-                                                tokenize=False)
+    rendered = rm.tokenizer.apply_chat_template(
+        conversation([{"role": "user", "content": "hi"}], "hello"), tokenize=False
+    )
     assert rm.tokenizer.decode(ids[0]) == rendered
 
 

@@ -31,17 +31,34 @@ from fusechat.prompts import MESSAGE, read_prompts
 from fusechat.selection import Selection, codes_in, select
 from fusechat.store import RunStore, StageResult, Version, model_identity, run_stage, write_json_atomic
 
-SFT_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("domain", pa.string()), ("messages", pa.list_(MESSAGE)), ("source", pa.string()),
-    ("reward", pa.float64()), ("sample_index", pa.int32()), ("num_tokens", pa.int32()),
-])
-DPO_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("domain", pa.string()), ("prompt", pa.list_(MESSAGE)),
-    ("chosen", pa.list_(MESSAGE)), ("rejected", pa.list_(MESSAGE)), ("source", pa.string()),
-    ("chosen_reward", pa.float64()), ("rejected_reward", pa.float64()), ("margin", pa.float64()),
-    ("chosen_index", pa.int32()), ("rejected_index", pa.int32()),
-    ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32()),
-])
+SFT_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("domain", pa.string()),
+        ("messages", pa.list_(MESSAGE)),
+        ("source", pa.string()),
+        ("reward", pa.float64()),
+        ("sample_index", pa.int32()),
+        ("num_tokens", pa.int32()),
+    ]
+)
+DPO_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("domain", pa.string()),
+        ("prompt", pa.list_(MESSAGE)),
+        ("chosen", pa.list_(MESSAGE)),
+        ("rejected", pa.list_(MESSAGE)),
+        ("source", pa.string()),
+        ("chosen_reward", pa.float64()),
+        ("rejected_reward", pa.float64()),
+        ("margin", pa.float64()),
+        ("chosen_index", pa.int32()),
+        ("rejected_index", pa.int32()),
+        ("chosen_tokens", pa.int32()),
+        ("rejected_tokens", pa.int32()),
+    ]
+)
 INPUTS = ("prompts", "samples", "scores")
 READ_BATCH = 65_536
 WRITE_CHUNK = 2_048
@@ -71,8 +88,10 @@ def _upstream(store: RunStore, version: Version, stage: str, pinned: dict[str, s
     for v in store.versions(stage):
         if v.name == name:
             return v
-    raise UserError(f"{version.ref} was made from {stage}/{name}, which is not a complete version in "
-                    f"{store.root}; pin one with --input {stage}=vNNN")
+    raise UserError(
+        f"{version.ref} was made from {stage}/{name}, which is not a complete version in "
+        f"{store.root}; pin one with --input {stage}=vNNN"
+    )
 
 
 def stage_config(cfg: FusechatConfig) -> dict[str, Any]:
@@ -81,23 +100,34 @@ def stage_config(cfg: FusechatConfig) -> dict[str, Any]:
         from fusechat.train.stage import chat_template
 
         template = chat_template(cfg)
-        config["target"] = {**model_identity(cfg.target.path),
-                            "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16] if template else None}
+        config["target"] = {
+            **model_identity(cfg.target.path),
+            "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16] if template else None,
+        }
     return config
 
 
 def check_config(cfg: FusechatConfig) -> None:
     if cfg.build.max_length is not None and cfg.target is None:
-        raise UserError("build.max_length counts tokens of the target tokenizer, but the config has no "
-                        "target.path; set one, or build.max_length: null")
+        raise UserError(
+            "build.max_length counts tokens of the target tokenizer, but the config has no "
+            "target.path; set one, or build.max_length: null"
+        )
     low, high = cfg.build.margin
     if not 0 <= low <= high:
         raise UserError(f"build.margin: expected [low, high] with 0 <= low <= high, got [{low}, {high}]")
 
 
 # --------------------------------------------------------------------------------------------- shell
-def run_build(cfg: FusechatConfig, store: RunStore, *, pinned: dict[str, str] | None = None, force: bool = False,
-              log: Callable[[str], None] = print, progress: Progress | None = None) -> Version:
+def run_build(
+    cfg: FusechatConfig,
+    store: RunStore,
+    *,
+    pinned: dict[str, str] | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    progress: Progress | None = None,
+) -> Version:
     check_config(cfg)
     inputs = resolve_inputs(store, pinned or {})
     count_tokens = token_counter(cfg)
@@ -112,13 +142,19 @@ def run_build(cfg: FusechatConfig, store: RunStore, *, pinned: dict[str, str] | 
     return version
 
 
-def build_datasets(cfg: FusechatConfig, inputs: dict[str, Version], out: Path,
-                   count_tokens: Callable[[list], np.ndarray] | None, progress: Progress) -> StageResult:
+def build_datasets(
+    cfg: FusechatConfig,
+    inputs: dict[str, Version],
+    out: Path,
+    count_tokens: Callable[[list], np.ndarray] | None,
+    progress: Progress,
+) -> StageResult:
     timings: dict[str, float] = {}
     started = time.time()
     prompts = read_prompts(inputs["prompts"], columns=["prompt_id", "domain", "split", "messages"])
-    candidates, where = read_candidates(inputs, prompts.column("prompt_id").combine_chunks(),
-                                        need_empty=cfg.build.drop_empty, progress=progress)
+    candidates, where = read_candidates(
+        inputs, prompts.column("prompt_id").combine_chunks(), need_empty=cfg.build.drop_empty, progress=progress
+    )
     timings["read_scores_s"] = round(time.time() - started, 3)
 
     started = time.time()
@@ -126,9 +162,15 @@ def build_datasets(cfg: FusechatConfig, inputs: dict[str, Version], out: Path,
     timings["select_s"] = round(time.time() - started, 3)
 
     started = time.time()
-    rows = np.unique(np.concatenate([selection.sft.column("row").to_numpy(),
-                                     selection.dpo.column("chosen_row").to_numpy(),
-                                     selection.dpo.column("rejected_row").to_numpy()]))
+    rows = np.unique(
+        np.concatenate(
+            [
+                selection.sft.column("row").to_numpy(),
+                selection.dpo.column("chosen_row").to_numpy(),
+                selection.dpo.column("rejected_row").to_numpy(),
+            ]
+        )
+    )
     texts = read_texts(where["files"], where["file_no"][rows], where["row_no"][rows], progress)
     timings["read_texts_s"] = round(time.time() - started, 3)
 
@@ -148,16 +190,21 @@ def build_datasets(cfg: FusechatConfig, inputs: dict[str, Version], out: Path,
         for start in range(0, sft.num_rows, WRITE_CHUNK):
             part = sft.slice(start, WRITE_CHUNK)
             turns = messages.take(codes_in(part.column("prompt_id"), prompts.column("prompt_id"))).to_pylist()
-            convs = [[*t, {"role": "assistant", "content": x}] for t, x in zip(turns, text_of(part.column("row")),
-                                                                                strict=True)]
+            convs = [
+                [*t, {"role": "assistant", "content": x}]
+                for t, x in zip(turns, text_of(part.column("row")), strict=True)
+            ]
             n_tok = _count(count_tokens, convs)
             keep = _fits(n_tok, cfg.build.max_length)
             post["sft"]["too_long"] += int((~keep).sum())
             lengths["sft"].append(n_tok[keep])
             idx = np.flatnonzero(keep)
-            table = part.take(idx).drop_columns(["row"]).append_column(
-                "messages", pa.array([convs[i] for i in idx], pa.list_(MESSAGE))).append_column(
-                "num_tokens", pa.array(n_tok[keep], pa.int32()))
+            table = (
+                part.take(idx)
+                .drop_columns(["row"])
+                .append_column("messages", pa.array([convs[i] for i in idx], pa.list_(MESSAGE)))
+                .append_column("num_tokens", pa.array(n_tok[keep], pa.int32()))
+            )
             writer.write_table(table.select(SFT_SCHEMA.names).cast(SFT_SCHEMA))
             progress("writing", start + part.num_rows, total)
     with pq.ParquetWriter(out / "dpo" / "train.parquet", DPO_SCHEMA) as writer:
@@ -166,8 +213,12 @@ def build_datasets(cfg: FusechatConfig, inputs: dict[str, Version], out: Path,
             turns = messages.take(codes_in(part.column("prompt_id"), prompts.column("prompt_id"))).to_pylist()
             chosen, rejected = text_of(part.column("chosen_row")), text_of(part.column("rejected_row"))
             identical = np.array([c == r for c, r in zip(chosen, rejected, strict=True)], dtype=bool)
-            c_tok = _count(count_tokens, [[*t, {"role": "assistant", "content": c}] for t, c in zip(turns, chosen, strict=True)])
-            r_tok = _count(count_tokens, [[*t, {"role": "assistant", "content": r}] for t, r in zip(turns, rejected, strict=True)])
+            c_tok = _count(
+                count_tokens, [[*t, {"role": "assistant", "content": c}] for t, c in zip(turns, chosen, strict=True)]
+            )
+            r_tok = _count(
+                count_tokens, [[*t, {"role": "assistant", "content": r}] for t, r in zip(turns, rejected, strict=True)]
+            )
             fits = _fits(np.maximum(c_tok, r_tok), cfg.build.max_length)
             post["dpo"]["identical_texts"] += int(identical.sum())
             post["dpo"]["too_long"] += int((~identical & ~fits).sum())
@@ -187,15 +238,24 @@ def build_datasets(cfg: FusechatConfig, inputs: dict[str, Version], out: Path,
             progress("writing", sft.num_rows + start + part.num_rows, total)
     timings["write_s"] = round(time.time() - started, 3)
 
-    written = {name: pq.read_table(out / name / "train.parquet", columns=["domain", "source"] + (
-        ["margin"] if name == "dpo" else [])) for name in ("sft", "dpo")}
+    written = {
+        name: pq.read_table(
+            out / name / "train.parquet", columns=["domain", "source"] + (["margin"] if name == "dpo" else [])
+        )
+        for name in ("sft", "dpo")
+    }
     stats = make_stats(cfg, inputs, prompts, candidates.num_rows, selection, post, written, lengths)
     write_json_atomic(out / "stats.json", stats)
     return StageResult(
-        counts={"sft_rows": stats["sft"]["rows"], "dpo_pairs": stats["dpo"]["pairs"],
-                "responses": candidates.num_rows,
-                "by_domain": {d: {"sft": stats["sft"]["by_domain"].get(d, 0), "dpo": stats["dpo"]["by_domain"].get(d, 0)}
-                              for d in sorted(set(prompts.column("domain").to_pylist()))}},
+        counts={
+            "sft_rows": stats["sft"]["rows"],
+            "dpo_pairs": stats["dpo"]["pairs"],
+            "responses": candidates.num_rows,
+            "by_domain": {
+                d: {"sft": stats["sft"]["by_domain"].get(d, 0), "dpo": stats["dpo"]["by_domain"].get(d, 0)}
+                for d in sorted(set(prompts.column("domain").to_pylist()))
+            },
+        },
         timings=timings,
     )
 
@@ -251,8 +311,9 @@ def _files(version: Version, columns: tuple[str, ...]) -> list[Path]:
     return files
 
 
-def read_candidates(inputs: dict[str, Version], prompt_ids: pa.Array, *, need_empty: bool,
-                    progress: Progress) -> tuple[pa.Table, dict[str, Any]]:
+def read_candidates(
+    inputs: dict[str, Version], prompt_ids: pa.Array, *, need_empty: bool, progress: Progress
+) -> tuple[pa.Table, dict[str, Any]]:
     """One row per response, in samples-file order: ids (prompt and source dictionary-encoded), reward,
     correct, truncated, empty; plus where each response's text lives (file, row). Scores must match samples
     one to one."""
@@ -291,9 +352,9 @@ def read_candidates(inputs: dict[str, Version], prompt_ids: pa.Array, *, need_em
     done = 0
     for file_no, f in enumerate(c_files):
         row_no = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH,
-                                                     columns=["prompt_id", "source", "sample_index", "reward",
-                                                              "correct"]):
+        for batch in pq.ParquetFile(f).iter_batches(
+            batch_size=READ_BATCH, columns=["prompt_id", "source", "sample_index", "reward", "correct"]
+        ):
             p, s, idx = _key_columns(batch, prompt_ids, sources, f, inputs["prompts"], add_sources=False, row0=row_no)
             reward = batch.column("reward").cast(pa.float64())
             correct = batch.column("correct").cast(pa.bool_())
@@ -302,7 +363,9 @@ def read_candidates(inputs: dict[str, Version], prompt_ids: pa.Array, *, need_em
             parts["idx"].append(idx)
             parts["reward"].append(reward.fill_null(np.nan).to_numpy(zero_copy_only=False))
             parts["reward_null"].append(_bool(reward.is_null()))
-            parts["correct"].append(np.where(_bool(correct.is_null()), -1, _bool(correct.fill_null(False))).astype(np.int8))
+            parts["correct"].append(
+                np.where(_bool(correct.is_null()), -1, _bool(correct.fill_null(False))).astype(np.int8)
+            )
             parts["file_no"].append(np.full(batch.num_rows, file_no, dtype=np.int32))
             parts["row_no"].append(np.arange(row_no, row_no + batch.num_rows, dtype=np.int64))
             row_no += batch.num_rows
@@ -321,27 +384,35 @@ def read_candidates(inputs: dict[str, Version], prompt_ids: pa.Array, *, need_em
     dup = np.flatnonzero(sorted_key[1:] == sorted_key[:-1])
     if len(dup):
         i = order[dup[0] + 1]
-        raise UserError(f"{s_files[sp['file_no'][i]]}: row {sp['row_no'][i]}: duplicate response "
-                        f"{_describe(sp, i, prompt_ids, sources)} in {samples.ref}")
+        raise UserError(
+            f"{s_files[sp['file_no'][i]]}: row {sp['row_no'][i]}: duplicate response "
+            f"{_describe(sp, i, prompt_ids, sources)} in {samples.ref}"
+        )
     c_key = (sc["p"] * n_sources + sc["s"]) * width + sc["idx"]
     pos = np.minimum(np.searchsorted(sorted_key, c_key), n - 1)
     found = sorted_key[pos] == c_key
     if not found.all():
         i = int(np.flatnonzero(~found)[0])
-        raise UserError(f"{c_files[sc['file_no'][i]]}: row {sc['row_no'][i]}: score for "
-                        f"{_describe(sc, i, prompt_ids, sources)}, which is not a response of {samples.ref}; "
-                        f"{scores.ref} was not made from these samples")
+        raise UserError(
+            f"{c_files[sc['file_no'][i]]}: row {sc['row_no'][i]}: score for "
+            f"{_describe(sc, i, prompt_ids, sources)}, which is not a response of {samples.ref}; "
+            f"{scores.ref} was not made from these samples"
+        )
     target = order[pos]
     hits = np.bincount(target, minlength=n)
     if (hits > 1).any():
         i = int(np.flatnonzero(target == np.flatnonzero(hits > 1)[0])[1])
-        raise UserError(f"{c_files[sc['file_no'][i]]}: row {sc['row_no'][i]}: second score for "
-                        f"{_describe(sc, i, prompt_ids, sources)} in {scores.ref}")
+        raise UserError(
+            f"{c_files[sc['file_no'][i]]}: row {sc['row_no'][i]}: second score for "
+            f"{_describe(sc, i, prompt_ids, sources)} in {scores.ref}"
+        )
     if (hits == 0).any():
         i = int(np.flatnonzero(hits == 0)[0])
-        raise UserError(f"{scores.ref} has no score for {int((hits == 0).sum())} of {n} responses of "
-                        f"{samples.ref} (first: {_describe(sp, i, prompt_ids, sources)}); score them, or pin "
-                        f"--input samples=... to the version the scores were made from")
+        raise UserError(
+            f"{scores.ref} has no score for {int((hits == 0).sum())} of {n} responses of "
+            f"{samples.ref} (first: {_describe(sp, i, prompt_ids, sources)}); score them, or pin "
+            f"--input samples=... to the version the scores were made from"
+        )
     reward = np.full(n, np.nan)
     reward[target] = sc["reward"]
     reward_null = np.zeros(n, dtype=bool)
@@ -350,25 +421,36 @@ def read_candidates(inputs: dict[str, Version], prompt_ids: pa.Array, *, need_em
     correct[target] = sc["correct"]
 
     source_names = pa.array(sorted(sources, key=sources.get), pa.string())
-    table = pa.table({
-        "prompt_id": pa.DictionaryArray.from_arrays(pa.array(sp["p"], pa.int32()), prompt_ids),
-        "source": pa.DictionaryArray.from_arrays(pa.array(sp["s"], pa.int32()), source_names),
-        "sample_index": pa.array(sp["idx"], pa.int32()),
-        "reward": pa.array(reward, pa.float64(), mask=reward_null),
-        "correct": pa.array(correct == 1, pa.bool_(), mask=correct < 0),
-        "truncated": pa.array(sp["truncated"], pa.bool_()),
-        "empty": pa.array(sp["empty"] if need_empty else np.zeros(n, dtype=bool), pa.bool_()),
-    })
+    table = pa.table(
+        {
+            "prompt_id": pa.DictionaryArray.from_arrays(pa.array(sp["p"], pa.int32()), prompt_ids),
+            "source": pa.DictionaryArray.from_arrays(pa.array(sp["s"], pa.int32()), source_names),
+            "sample_index": pa.array(sp["idx"], pa.int32()),
+            "reward": pa.array(reward, pa.float64(), mask=reward_null),
+            "correct": pa.array(correct == 1, pa.bool_(), mask=correct < 0),
+            "truncated": pa.array(sp["truncated"], pa.bool_()),
+            "empty": pa.array(sp["empty"] if need_empty else np.zeros(n, dtype=bool), pa.bool_()),
+        }
+    )
     return table, {"files": s_files, "file_no": sp["file_no"], "row_no": sp["row_no"]}
 
 
-def _key_columns(batch: pa.RecordBatch, prompt_ids: pa.Array, sources: dict[str, int], f: Path,
-                 prompts: Version, *, add_sources: bool, row0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _key_columns(
+    batch: pa.RecordBatch,
+    prompt_ids: pa.Array,
+    sources: dict[str, int],
+    f: Path,
+    prompts: Version,
+    *,
+    add_sources: bool,
+    row0: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     p = codes_in(batch.column("prompt_id"), prompt_ids)
     if (p < 0).any():
         i = int(np.flatnonzero(p < 0)[0])
-        raise UserError(f"{f}: row {row0 + i}: prompt_id {batch.column('prompt_id')[i].as_py()!r} is not in "
-                        f"{prompts.ref}")
+        raise UserError(
+            f"{f}: row {row0 + i}: prompt_id {batch.column('prompt_id')[i].as_py()!r} is not in {prompts.ref}"
+        )
     source = batch.column("source")
     if add_sources:
         for name in pc.unique(source).to_pylist():
@@ -391,8 +473,10 @@ def _bool(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def _describe(part: dict[str, np.ndarray], i: int, prompt_ids: pa.Array, sources: dict[str, int]) -> str:
     names = sorted(sources, key=sources.get)
-    return (f"(prompt_id={prompt_ids[int(part['p'][i])].as_py()}, source={names[int(part['s'][i])]}, "
-            f"sample_index={int(part['idx'][i])})")
+    return (
+        f"(prompt_id={prompt_ids[int(part['p'][i])].as_py()}, source={names[int(part['s'][i])]}, "
+        f"sample_index={int(part['idx'][i])})"
+    )
 
 
 def read_texts(files: list[Path], file_no: np.ndarray, row_no: np.ndarray, progress: Progress) -> pa.ChunkedArray:
@@ -413,9 +497,16 @@ def read_texts(files: list[Path], file_no: np.ndarray, row_no: np.ndarray, progr
 
 
 # --------------------------------------------------------------------------------------------- stats
-def make_stats(cfg: FusechatConfig, inputs: dict[str, Version], prompts: pa.Table, n_responses: int,
-               selection: Selection, post: dict[str, Counter], written: dict[str, pa.Table],
-               lengths: dict[str, list[np.ndarray]]) -> dict[str, Any]:
+def make_stats(
+    cfg: FusechatConfig,
+    inputs: dict[str, Version],
+    prompts: pa.Table,
+    n_responses: int,
+    selection: Selection,
+    post: dict[str, Counter],
+    written: dict[str, pa.Table],
+    lengths: dict[str, list[np.ndarray]],
+) -> dict[str, Any]:
     """What was kept and dropped, by domain and source: deterministic (no timings), so equal builds give equal
     files. Drops count prompts, except `too_long` and `identical_texts`, which count selected rows / pairs."""
     splits = Counter(zip(prompts.column("split").to_pylist(), prompts.column("domain").to_pylist(), strict=True))
@@ -467,8 +558,11 @@ def quantiles(values: np.ndarray) -> dict[str, float | int]:
         return {"count": 0}
     q = np.quantile(values, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
     names = ("min", "p10", "p25", "median", "p75", "p90", "max")
-    return {"count": int(len(values)), **{k: round(float(v), 6) for k, v in zip(names, q, strict=True)},
-            "mean": round(float(np.mean(values)), 6)}
+    return {
+        "count": int(len(values)),
+        **{k: round(float(v), 6) for k, v in zip(names, q, strict=True)},
+        "mean": round(float(np.mean(values)), 6),
+    }
 
 
 def stats_tables(stats: dict[str, Any]) -> list:
@@ -480,8 +574,13 @@ def stats_tables(stats: dict[str, Any]) -> list:
         by_domain.add_column(col, justify="left" if col == "domain" else "right")
     sft, dpo = stats["sft"], stats["dpo"]
     for d in sorted(set(sft["prompts_by_domain"]) | set(dpo["prompts_by_domain"])):
-        by_domain.add_row(d, str(sft["prompts_by_domain"].get(d, 0)), str(sft["by_domain"].get(d, 0)),
-                          str(dpo["prompts_by_domain"].get(d, 0)), str(dpo["by_domain"].get(d, 0)))
+        by_domain.add_row(
+            d,
+            str(sft["prompts_by_domain"].get(d, 0)),
+            str(sft["by_domain"].get(d, 0)),
+            str(dpo["prompts_by_domain"].get(d, 0)),
+            str(dpo["by_domain"].get(d, 0)),
+        )
     by_domain.add_row("[bold]total", str(sft["prompts"]), str(sft["rows"]), str(dpo["prompts"]), str(dpo["pairs"]))
 
     drops = Table(title="dropped: prompts (too_long, identical_texts: rows / pairs), excluded responses")
@@ -498,8 +597,13 @@ def stats_tables(stats: dict[str, Any]) -> list:
     for s in sources:
         wins.add_column(s, justify="right")
     for d in sorted(set(sft["by_domain_source"]) | set(dpo["by_domain_source"])):
-        wins.add_row(d, *(f"{sft['by_domain_source'].get(d, {}).get(s, 0)} / "
-                          f"{dpo['by_domain_source'].get(d, {}).get(s, 0)}" for s in sources))
+        wins.add_row(
+            d,
+            *(
+                f"{sft['by_domain_source'].get(d, {}).get(s, 0)} / {dpo['by_domain_source'].get(d, {}).get(s, 0)}"
+                for s in sources
+            ),
+        )
 
     m = dpo["margin"]["kept"]
     margin = Table(title=f"dpo margins (band {dpo['margin']['band']}, rule {dpo['margin']['rule']})")

@@ -167,8 +167,14 @@ def _show_training(version) -> None:
         return
     train = version.manifest.get("train", {})
     shown = ("world_size", "global_step", "final_loss", "mean_loss", "reward_accuracy", "reward_margin", "tokens_per_s")
-    console.print("  " + ", ".join(f"{k}={train[k]:.4g}" if isinstance(train[k], float) else f"{k}={train[k]}"
-                                   for k in shown if train.get(k) is not None))
+    console.print(
+        "  "
+        + ", ".join(
+            f"{k}={train[k]:.4g}" if isinstance(train[k], float) else f"{k}={train[k]}"
+            for k in shown
+            if train.get(k) is not None
+        )
+    )
     console.print(f"  model: {version.path / 'model'}")
 
 
@@ -190,16 +196,26 @@ def sample(
     spec = ShardSpec.parse(shard)
     cfg = _load(config, set_)
     with stage_progress("sample") as progress:
-        version = run_sample(cfg, _store(cfg), pinned=parse_inputs(input_), force=force, source=source, shard=spec,
-                             log=console.print, progress=progress)
+        version = run_sample(
+            cfg,
+            _store(cfg),
+            pinned=parse_inputs(input_),
+            force=force,
+            source=source,
+            shard=spec,
+            log=console.print,
+            progress=progress,
+        )
     if version is not None:
         counts = version.manifest["counts"]
         timings = version.manifest["timings"].get("by_source", {})
         for name, c in counts.get("by_source", {}).items():
             rate = timings.get(name, {}).get("tokens_per_s", 0)
-            console.print(f"  {name}: prompts={c.get('prompts', 0)} samples={c.get('samples', 0)} "
-                          f"tokens={c.get('tokens', 0)} skipped_too_long={c.get('skipped_too_long', 0)} "
-                          f"tok/s={rate:,.0f}")
+            console.print(
+                f"  {name}: prompts={c.get('prompts', 0)} samples={c.get('samples', 0)} "
+                f"tokens={c.get('tokens', 0)} skipped_too_long={c.get('skipped_too_long', 0)} "
+                f"tok/s={rate:,.0f}"
+            )
 
 
 @app.command()
@@ -219,8 +235,9 @@ def score(
     spec = ShardSpec.parse(shard)
     cfg = _load(config, set_)
     with stage_progress("score") as progress:
-        version = run_score(cfg, _store(cfg), pinned=parse_inputs(input_), force=force, shard=spec,
-                            log=console.print, progress=progress)
+        version = run_score(
+            cfg, _store(cfg), pinned=parse_inputs(input_), force=force, shard=spec, log=console.print, progress=progress
+        )
     if version is not None:
         counts, timings = version.manifest["counts"], version.manifest["timings"].get("scorers", {})
         console.print(f"  responses={counts.get('responses', 0)} truncated={counts.get('truncated', 0)}")
@@ -241,8 +258,9 @@ def build(config: ConfigOpt, input_: InputOpt = None, set_: SetOpt = None, force
 
     cfg = _load(config, set_)
     with stage_progress("build") as progress:
-        version = run_build(cfg, _store(cfg), pinned=parse_inputs(input_), force=force, log=console.print,
-                            progress=progress)
+        version = run_build(
+            cfg, _store(cfg), pinned=parse_inputs(input_), force=force, log=console.print, progress=progress
+        )
     stats = json.loads((version.path / "stats.json").read_text())
     for table in stats_tables(stats):
         console.print(table)
@@ -253,8 +271,14 @@ def build(config: ConfigOpt, input_: InputOpt = None, set_: SetOpt = None, force
 @user_errors
 def eval_(
     config: ConfigOpt,
-    model: Annotated[str | None, typer.Option("--model", help="dpo, sft, target, a source name, or a model "
-                                              "directory. Default: the latest dpo model, else sft, else target.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="dpo, sft, target, a source name, or a model "
+            "directory. Default: the latest dpo model, else sft, else target.",
+        ),
+    ] = None,
     input_: InputOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
@@ -326,6 +350,11 @@ def results_table(result) -> Table:
     grid.add_row(table)
     grid.add_row(contrib)
     return grid
+
+
+# `fusechat --help` lists the commands in pipeline order, whatever order they are defined in.
+_ORDER = ["prompts", "sample", "score", "build", "sft", "dpo", "eval", "run", "status", "demo"]
+app.registered_commands.sort(key=lambda c: _ORDER.index(c.name or c.callback.__name__))
 
 
 def main() -> None:

@@ -327,7 +327,9 @@ def describe_validation_error(e: ValidationError, data: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         known = _known_fields(FusechatConfig, loc[:-1], data)
         hint = difflib.get_close_matches(loc[-1], known, n=1)
-        return f"{where}: unknown key" + (f"; did you mean {hint[0]}?" if hint else f"; expected one of: {', '.join(sorted(known))}")
+        return f"{where}: unknown key" + (
+            f"; did you mean {hint[0]}?" if hint else f"; expected one of: {', '.join(sorted(known))}"
+        )
     if err["type"] == "missing":
         return f"{where}: required key missing"
     msg = err["msg"].removeprefix("Value error, ")

@@ -19,13 +19,21 @@ from fusechat.config import EvalSet, FusechatConfig, PromptSource, SamplingParam
 from fusechat.errors import UserError
 from fusechat.store import RunStore, StageResult, Version, model_identity, run_stage
 
-RESULTS_SCHEMA = pa.schema([("set", pa.string()), ("prompt_id", pa.string()), ("response", pa.string()),
-                            ("verdict", pa.string()), ("correct", pa.bool_())])
+RESULTS_SCHEMA = pa.schema(
+    [
+        ("set", pa.string()),
+        ("prompt_id", pa.string()),
+        ("response", pa.string()),
+        ("verdict", pa.string()),
+        ("correct", pa.bool_()),
+    ]
+)
 
 
 # --------------------------------------------------------------------------------------------- which model
-def resolve_model(cfg: FusechatConfig, store: RunStore, model: str | None,
-                  pinned: dict[str, str]) -> tuple[str, SourceModel, dict[str, Version]]:
+def resolve_model(
+    cfg: FusechatConfig, store: RunStore, model: str | None, pinned: dict[str, str]
+) -> tuple[str, SourceModel, dict[str, Version]]:
     """(label, how to run it, input versions). Default: the latest dpo model, else sft, else the target."""
     if model is None:
         model = next((s for s in ("dpo", "sft") if s in pinned or store.latest(s) is not None), "target")
@@ -47,16 +55,27 @@ def resolve_model(cfg: FusechatConfig, store: RunStore, model: str | None,
     return model, _greedy(cfg, model), {}
 
 
-def _greedy(cfg: FusechatConfig, path: str, base: SourceModel | None = None,
-            chat_template: str | None = None) -> SourceModel:
+def _greedy(
+    cfg: FusechatConfig, path: str, base: SourceModel | None = None, chat_template: str | None = None
+) -> SourceModel:
     e = cfg.eval
     fields: dict[str, Any] = {"chat_template": chat_template}
     if base is not None:
-        fields = {"chat_template": base.chat_template, "system_prompt": base.system_prompt,
-                  "system_role": base.system_role}
-    return SourceModel(name="eval", model=path, engine=e.engine, engine_args=e.engine_args,
-                       sampling=SamplingParams(temperature=0.0, top_p=1.0, max_tokens=e.max_new_tokens),
-                       default_samples=1, batch_size=e.batch_size, **fields)
+        fields = {
+            "chat_template": base.chat_template,
+            "system_prompt": base.system_prompt,
+            "system_role": base.system_role,
+        }
+    return SourceModel(
+        name="eval",
+        model=path,
+        engine=e.engine,
+        engine_args=e.engine_args,
+        sampling=SamplingParams(temperature=0.0, top_p=1.0, max_tokens=e.max_new_tokens),
+        default_samples=1,
+        batch_size=e.batch_size,
+        **fields,
+    )
 
 
 # --------------------------------------------------------------------------------------------- pure core
@@ -77,8 +96,15 @@ def eval_rows(sets: list[EvalSet]) -> list[dict[str, Any]]:
             if isinstance(row, str):
                 continue
             reference = json.loads(row["reference"]) if row["reference"] else {}
-            rows.append({"set": s.name, "check": s.check, "prompt_id": row["prompt_id"], "messages": row["messages"],
-                         "reference": reference})
+            rows.append(
+                {
+                    "set": s.name,
+                    "check": s.check,
+                    "prompt_id": row["prompt_id"],
+                    "messages": row["messages"],
+                    "reference": reference,
+                }
+            )
             n += 1
             if s.limit is not None and n >= s.limit:
                 break
@@ -135,8 +161,15 @@ def accuracy_by_set(rows: list[dict[str, Any]], verdicts: list[str]) -> dict[str
 
 
 # --------------------------------------------------------------------------------------------- shell
-def run_eval(cfg: FusechatConfig, store: RunStore, *, model: str | None = None, pinned: dict[str, str] | None = None,
-             force: bool = False, log: Callable[[str], None] = print) -> Version:
+def run_eval(
+    cfg: FusechatConfig,
+    store: RunStore,
+    *,
+    model: str | None = None,
+    pinned: dict[str, str] | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> Version:
     from fusechat.sample.stage import prepare
 
     pinned = pinned or {}
@@ -145,8 +178,14 @@ def run_eval(cfg: FusechatConfig, store: RunStore, *, model: str | None = None, 
     label, runner, inputs = resolve_model(cfg, store, model, pinned)
     rows = eval_rows(cfg.eval.sets)
     prep = prepare(runner, "eval", rows[0])
-    config = {"eval": cfg.eval.model_dump(mode="json"), "model": label, "runner": runner.model_dump(mode="json"),
-              "identity": model_identity(runner.model), "seed": cfg.seed, "score": cfg.score.code.model_dump(mode="json")}
+    config = {
+        "eval": cfg.eval.model_dump(mode="json"),
+        "model": label,
+        "runner": runner.model_dump(mode="json"),
+        "identity": model_identity(runner.model),
+        "seed": cfg.seed,
+        "score": cfg.score.code.model_dump(mode="json"),
+    }
 
     def body(out: Path) -> StageResult:
         import pyarrow.parquet as pq
@@ -166,14 +205,20 @@ def run_eval(cfg: FusechatConfig, store: RunStore, *, model: str | None = None, 
         verdicts = check_responses(rows, responses, cfg)
         (out / "data").mkdir()
         table = pa.Table.from_pylist(
-            [{"set": r["set"], "prompt_id": r["prompt_id"], "response": t, "verdict": v, "correct": is_correct(v)}
-             for r, t, v in zip(rows, responses, verdicts, strict=True)], schema=RESULTS_SCHEMA)
+            [
+                {"set": r["set"], "prompt_id": r["prompt_id"], "response": t, "verdict": v, "correct": is_correct(v)}
+                for r, t, v in zip(rows, responses, verdicts, strict=True)
+            ],
+            schema=RESULTS_SCHEMA,
+        )
         pq.write_table(table, out / "data" / "results.parquet")
         acc = accuracy_by_set(rows, verdicts)
         mean = round(sum(acc.values()) / len(acc), 4)
         log(f"  {label}: " + ", ".join(f"{k}={v:.2f}" for k, v in acc.items()) + f", mean={mean:.2f}")
-        return StageResult(counts={"model": label, "prompts": len(rows), "mean_accuracy": mean, "accuracy": acc},
-                           timings={"generate_s": round(generate_s, 3)})
+        return StageResult(
+            counts={"model": label, "prompts": len(rows), "mean_accuracy": mean, "accuracy": acc},
+            timings={"generate_s": round(generate_s, 3)},
+        )
 
     version = run_stage(store, "eval", config, inputs, body, force=force, log=log)
     assert version is not None

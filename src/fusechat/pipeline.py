@@ -12,15 +12,30 @@ from fusechat.errors import UserError
 from fusechat.store import RunStore, Version
 
 # CLI verb -> stage directory
-STAGES = {"prompts": "prompts", "sample": "samples", "score": "scores", "build": "datasets", "sft": "sft",
-          "dpo": "dpo", "eval": "eval"}
+STAGES = {
+    "prompts": "prompts",
+    "sample": "samples",
+    "score": "scores",
+    "build": "datasets",
+    "sft": "sft",
+    "dpo": "dpo",
+    "eval": "eval",
+}
 
 # A stage's progress display: given the verb, a context manager yielding the stage's progress callback (or None).
 ProgressFor = Callable[[str], AbstractContextManager[Any]]
 
 
-def run_stage_by_name(verb: str, cfg: FusechatConfig, store: RunStore, *, force: bool, log: Callable[[str], None],
-                      progress: Any = None, **extra: Any) -> Version | None:
+def run_stage_by_name(
+    verb: str,
+    cfg: FusechatConfig,
+    store: RunStore,
+    *,
+    force: bool,
+    log: Callable[[str], None],
+    progress: Any = None,
+    **extra: Any,
+) -> Version | None:
     if verb == "prompts":
         from fusechat.prompts import run_prompts
 
@@ -52,9 +67,15 @@ def run_stage_by_name(verb: str, cfg: FusechatConfig, store: RunStore, *, force:
     raise ValueError(f"unknown stage {verb!r}")
 
 
-def run_pipeline(cfg: FusechatConfig, store: RunStore, *, until: str = "eval", force: tuple[str, ...] = (),
-                 log: Callable[[str], None] = print,
-                 progress_for: ProgressFor = lambda verb: nullcontext()) -> dict[str, Version]:
+def run_pipeline(
+    cfg: FusechatConfig,
+    store: RunStore,
+    *,
+    until: str = "eval",
+    force: tuple[str, ...] = (),
+    log: Callable[[str], None] = print,
+    progress_for: ProgressFor = lambda verb: nullcontext(),
+) -> dict[str, Version]:
     """Run prompts .. `until` (eval runs only when `eval.sets` is configured)."""
     if until not in STAGES:
         raise UserError(f"--until {until}: expected one of {', '.join(STAGES)}")

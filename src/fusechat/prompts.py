@@ -33,8 +33,15 @@ PROMPTS_SCHEMA = pa.schema(
         ("origin", pa.string()),
     ]
 )
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-                "system": "system", "bot": "assistant"}
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "bot": "assistant",
+}
 WRITE_BATCH = 10_000
 
 
@@ -219,8 +226,9 @@ def _iter_hub(source: PromptSource, where: str) -> Iterator[tuple[str, dict[str,
     import datasets
 
     try:
-        ds = datasets.load_dataset(source.path, source.subset, split=source.split, revision=source.revision,
-                                   streaming=True)
+        ds = datasets.load_dataset(
+            source.path, source.subset, split=source.split, revision=source.revision, streaming=True
+        )
         it = iter(ds)
         first = next(it, None)
     except Exception as e:
@@ -288,9 +296,7 @@ def run_prompts(
     return version
 
 
-def build_prompts(
-    cfg: FusechatConfig, out: Path, progress: Callable[[str, int], None] | None = None
-) -> StageResult:
+def build_prompts(cfg: FusechatConfig, out: Path, progress: Callable[[str, int], None] | None = None) -> StageResult:
     started = time.time()
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,18 @@ from fusechat.config import BuildConfig
 CANDIDATE_COLUMNS = ("prompt_id", "source", "sample_index", "reward", "correct", "truncated", "empty")
 SFT_COLUMNS = ("row", "prompt_id", "domain", "source", "sample_index", "reward")
 BAND_SLACK = 1e-9
-DPO_COLUMNS = ("prompt_id", "domain", "source", "chosen_row", "rejected_row", "chosen_index", "rejected_index",
-               "chosen_reward", "rejected_reward", "margin")
+DPO_COLUMNS = (
+    "prompt_id",
+    "domain",
+    "source",
+    "chosen_row",
+    "rejected_row",
+    "chosen_index",
+    "rejected_index",
+    "chosen_reward",
+    "rejected_reward",
+    "margin",
+)
 
 
 @dataclass
@@ -118,20 +128,28 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
     rows = np.flatnonzero(is_sft & chosen_ok)
     best = rows[top_per_group(p[rows], [-reward[rows], row_key[rows]])]
     sft_prompts = np.flatnonzero(split_of_prompt == "sft")
-    _count_missing(dropped["sft"], sft_prompts, p, {
-        "no_samples": np.ones(len(p), dtype=bool),
-        "no_usable_response": usable,
-        "no_acceptable_response": chosen_ok,
-    }, n_prompts)
+    _count_missing(
+        dropped["sft"],
+        sft_prompts,
+        p,
+        {
+            "no_samples": np.ones(len(p), dtype=bool),
+            "no_usable_response": usable,
+            "no_acceptable_response": chosen_ok,
+        },
+        n_prompts,
+    )
     best = best[np.argsort(p[best], kind="stable")]
-    sft = pa.table({
-        "row": pa.array(best, pa.int64()),
-        "prompt_id": prompt_ids.take(p[best]),
-        "domain": domain_arr.take(p[best]),
-        "source": sources.take(s[best]),
-        "sample_index": pa.array(sample_index[best], pa.int32()),
-        "reward": pa.array(reward[best], pa.float64()),
-    })
+    sft = pa.table(
+        {
+            "row": pa.array(best, pa.int64()),
+            "prompt_id": prompt_ids.take(p[best]),
+            "domain": domain_arr.take(p[best]),
+            "source": sources.take(s[best]),
+            "sample_index": pa.array(sample_index[best], pa.int32()),
+            "reward": pa.array(reward[best], pa.float64()),
+        }
+    )
 
     # ---------------------------------------------------------------- DPO: best vs worst within one source
     dpo_mask = is_dpo & ~sft_only[d]
@@ -158,12 +176,18 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
     has_band[pair_p[in_band]] = True
     any_below[pair_p[margin < low - BAND_SLACK]] = True
     any_above[pair_p[margin > high + BAND_SLACK]] = True
-    out = _count_missing(dropped["dpo"], dpo_prompts[~sft_only[d_of_prompt[dpo_prompts]]], p, {
-        "no_samples": np.ones(len(p), dtype=bool),
-        "no_usable_response": usable,
-        "no_acceptable_response": chosen_ok,  # verified domains: every response incorrect
-        "no_rejected_response": rejected_ok,  # verified domains: every response correct
-    }, n_prompts)
+    out = _count_missing(
+        dropped["dpo"],
+        dpo_prompts[~sft_only[d_of_prompt[dpo_prompts]]],
+        p,
+        {
+            "no_samples": np.ones(len(p), dtype=bool),
+            "no_usable_response": usable,
+            "no_acceptable_response": chosen_ok,  # verified domains: every response incorrect
+            "no_rejected_response": rejected_ok,  # verified domains: every response correct
+        },
+        n_prompts,
+    )
     # Both kinds exist, but never in one source (or each source has a single response).
     _add(dropped["dpo"], "no_same_source_pair", int((~has_pair[out]).sum()))
     out = out[has_pair[out] & ~has_band[out]]
@@ -181,20 +205,28 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
     keep = keep[top_per_group(pair_p[keep], rank, n=rules.pairs_per_prompt)]
     keep = keep[np.lexsort((s[chosen[keep]], pair_p[keep]))]
     c, r = chosen[keep], rejected[keep]
-    dpo = pa.table({
-        "prompt_id": prompt_ids.take(p[c]),
-        "domain": domain_arr.take(p[c]),
-        "source": sources.take(s[c]),
-        "chosen_row": pa.array(c, pa.int64()),
-        "rejected_row": pa.array(r, pa.int64()),
-        "chosen_index": pa.array(sample_index[c], pa.int32()),
-        "rejected_index": pa.array(sample_index[r], pa.int32()),
-        "chosen_reward": pa.array(reward[c], pa.float64()),
-        "rejected_reward": pa.array(reward[r], pa.float64()),
-        "margin": pa.array(margin[keep], pa.float64()),
-    })
-    return Selection(sft=sft, dpo=dpo, dropped=dropped, excluded=excluded,
-                     verified=dict(sorted(verified.items())), candidate_margins=np.sort(margin))
+    dpo = pa.table(
+        {
+            "prompt_id": prompt_ids.take(p[c]),
+            "domain": domain_arr.take(p[c]),
+            "source": sources.take(s[c]),
+            "chosen_row": pa.array(c, pa.int64()),
+            "rejected_row": pa.array(r, pa.int64()),
+            "chosen_index": pa.array(sample_index[c], pa.int32()),
+            "rejected_index": pa.array(sample_index[r], pa.int32()),
+            "chosen_reward": pa.array(reward[c], pa.float64()),
+            "rejected_reward": pa.array(reward[r], pa.float64()),
+            "margin": pa.array(margin[keep], pa.float64()),
+        }
+    )
+    return Selection(
+        sft=sft,
+        dpo=dpo,
+        dropped=dropped,
+        excluded=excluded,
+        verified=dict(sorted(verified.items())),
+        candidate_margins=np.sort(margin),
+    )
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -258,17 +290,20 @@ def _hash64(text: str) -> int:
 
 
 def _prompt_hashes(prompt_ids: pa.ChunkedArray, seed: int) -> np.ndarray:
-    return np.fromiter((_hash64(f"{seed}\0{pid}") for pid in prompt_ids.to_pylist()), dtype=np.uint64,
-                       count=len(prompt_ids))
+    return np.fromiter(
+        (_hash64(f"{seed}\0{pid}") for pid in prompt_ids.to_pylist()), dtype=np.uint64, count=len(prompt_ids)
+    )
 
 
 def _source_hashes(sources: pa.Array) -> np.ndarray:
-    return np.fromiter((_hash64(f"source\0{name}") for name in sources.to_pylist()), dtype=np.uint64,
-                       count=len(sources))
+    return np.fromiter(
+        (_hash64(f"source\0{name}") for name in sources.to_pylist()), dtype=np.uint64, count=len(sources)
+    )
 
 
-def _count_missing(counter: Counter, prompts: np.ndarray, p: np.ndarray, stages: dict[str, np.ndarray],
-                   n_prompts: int) -> np.ndarray:
+def _count_missing(
+    counter: Counter, prompts: np.ndarray, p: np.ndarray, stages: dict[str, np.ndarray], n_prompts: int
+) -> np.ndarray:
     """Count prompts (of `prompts`) that have no row in the first mask, else none in the next, and so on: each
     dropped prompt is counted once, under the first requirement it fails. Returns the prompts that pass all."""
     alive = np.ones(len(prompts), dtype=bool)

@@ -38,8 +38,15 @@ def status_table(store: RunStore) -> Table:
         for v in versions:
             m = v.manifest
             inputs = ", ".join(f"{k}/{n}" for k, n in (m.get("inputs") or {}).items())
-            table.add_row(stage, v.name, "[green]complete[/green]", m.get("created_at", ""),
-                          summarize_counts(m.get("counts") or {}), inputs, v.fingerprint[:12])
+            table.add_row(
+                stage,
+                v.name,
+                "[green]complete[/green]",
+                m.get("created_at", ""),
+                summarize_counts(m.get("counts") or {}),
+                inputs,
+                v.fingerprint[:12],
+            )
         for p in partials:
             table.add_row(stage, p.name, "[yellow]partial[/yellow]", "", partial_summary(p), "", "")
     return table

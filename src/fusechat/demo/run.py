@@ -16,8 +16,13 @@ from fusechat.store import RunStore, Version
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 # Fewer prompts and steps for the end-to-end test: every stage runs, fusion is weaker.
-SMALL_OVERRIDES = ["sft.max_steps=40", "dpo.max_steps=10", "sources.0.chunk_size=256", "sources.1.chunk_size=256",
-                   "sources.2.chunk_size=256"]
+SMALL_OVERRIDES = [
+    "sft.max_steps=40",
+    "dpo.max_steps=10",
+    "sources.0.chunk_size=256",
+    "sources.1.chunk_size=256",
+    "sources.2.chunk_size=256",
+]
 
 
 def sampling_engine() -> str:
@@ -30,9 +35,14 @@ def demo_config(seed: int, small: bool, engine: str, overrides: list[str]) -> Fu
     return load_config(DEMO_CONFIG, [*base, *(SMALL_OVERRIDES if small else []), *overrides])
 
 
-def run_demo(*, seed: int = 0, small: bool = False, overrides: list[str] | None = None,
-             log: Callable[[str], None] = print,
-             progress_for: Callable[[str], AbstractContextManager[Any]] = lambda verb: nullcontext()) -> dict[str, Any]:
+def run_demo(
+    *,
+    seed: int = 0,
+    small: bool = False,
+    overrides: list[str] | None = None,
+    log: Callable[[str], None] = print,
+    progress_for: Callable[[str], AbstractContextManager[Any]] = lambda verb: nullcontext(),
+) -> dict[str, Any]:
     from fusechat.demo.world import WorldSpec, build_world
     from fusechat.eval import run_eval
     from fusechat.pipeline import run_pipeline
@@ -52,8 +62,11 @@ def run_demo(*, seed: int = 0, small: bool = False, overrides: list[str] | None 
     for model in [*(f"source:{s.name}" for s in cfg.sources), "target", "sft", "dpo"]:
         evals[model] = run_eval(cfg, store, model=model, log=log)
     result = results(cfg, versions, evals)
-    result["timings_s"] = {"world": round(t_world, 1), "total": round(time.time() - started, 1),
-                           "world_build": world.info.get("timings_s", {})}
+    result["timings_s"] = {
+        "world": round(t_world, 1),
+        "total": round(time.time() - started, 1),
+        "world_build": world.info.get("timings_s", {}),
+    }
     result["engine"] = engine
     (store.root / "results.md").write_text(markdown(result))
     (store.root / "results.json").write_text(json.dumps(result, indent=2))
@@ -68,27 +81,45 @@ def results(cfg: FusechatConfig, versions: dict[str, Version], evals: dict[str, 
     for model, v in evals.items():
         acc = v.manifest["counts"]["accuracy"]
         label = {"target": "target before fusion", "sft": "target after SFT", "dpo": "target after SFT+DPO"}.get(
-            model, model.removeprefix("source:"))
-        rows.append({"model": label, "accuracy": {s: acc.get(s, 0.0) for s in skills},
-                     "mean": round(sum(acc.get(s, 0.0) for s in skills) / len(skills), 4),
-                     "eval": v.ref})
-    contrib = {s.name: {"sft_rows": stats.get("sft", {}).get("by_source", {}).get(s.name, 0),
-                        "dpo_pairs": stats.get("dpo", {}).get("by_source", {}).get(s.name, 0)}
-               for s in cfg.sources}
-    return {"skills": skills, "rows": rows, "contributions": contrib,
-            "versions": {k: v.ref for k, v in versions.items()}}
+            model, model.removeprefix("source:")
+        )
+        rows.append(
+            {
+                "model": label,
+                "accuracy": {s: acc.get(s, 0.0) for s in skills},
+                "mean": round(sum(acc.get(s, 0.0) for s in skills) / len(skills), 4),
+                "eval": v.ref,
+            }
+        )
+    contrib = {
+        s.name: {
+            "sft_rows": stats.get("sft", {}).get("by_source", {}).get(s.name, 0),
+            "dpo_pairs": stats.get("dpo", {}).get("by_source", {}).get(s.name, 0),
+        }
+        for s in cfg.sources
+    }
+    return {
+        "skills": skills,
+        "rows": rows,
+        "contributions": contrib,
+        "versions": {k: v.ref for k, v in versions.items()},
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
     skills = result["skills"]
     lines = ["| model | " + " | ".join(skills) + " | mean |", "|---|" + "---|" * (len(skills) + 1)]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | " + " | ".join(f"{r['accuracy'][s]:.2f}" for s in skills)
-                     + f" | **{r['mean']:.2f}** |")
+        lines.append(
+            f"| {r['model']} | " + " | ".join(f"{r['accuracy'][s]:.2f}" for s in skills) + f" | **{r['mean']:.2f}** |"
+        )
     lines += ["", "| source | SFT rows won | DPO pairs |", "|---|---|---|"]
     for name, c in result["contributions"].items():
         lines.append(f"| {name} | {c['sft_rows']} | {c['dpo_pairs']} |")
     t = result.get("timings_s", {})
-    lines += ["", f"Held-out greedy accuracy per skill. Sampling engine: {result.get('engine')}. "
-              f"World {t.get('world', 0):.0f}s, total {t.get('total', 0):.0f}s."]
+    lines += [
+        "",
+        f"Held-out greedy accuracy per skill. Sampling engine: {result.get('engine')}. "
+        f"World {t.get('world', 0):.0f}s, total {t.get('total', 0):.0f}s.",
+    ]
     return "\n".join(lines) + "\n"

@@ -46,8 +46,9 @@ SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 STYLES = {"plain": "{}", "answer": "answer: {}", "equals": "= {}"}
 
 
-def make_prompts(skill: str, n: int, seed: int, exclude: set[str] = frozenset(),
-                 unique: bool = True) -> list[tuple[str, str]]:
+def make_prompts(
+    skill: str, n: int, seed: int, exclude: set[str] = frozenset(), unique: bool = True
+) -> list[tuple[str, str]]:
     """n (prompt, answer) pairs of one skill, none in `exclude`. Unique while the skill's space allows; then
     repeats are allowed (a small skill space)."""
     rng = random.Random(f"{seed}:{skill}")

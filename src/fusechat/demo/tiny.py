@@ -41,8 +41,12 @@ TEMPLATES = {
 # Special tokens per family: (bos, eos = end of turn, pad, extra specials)
 SPECIALS = {
     "chatml": ("<|endoftext|>", "<|im_end|>", "<|pad|>", ["<|im_start|>"]),
-    "llama3": ("<|begin_of_text|>", "<|eot_id|>", "<|pad|>", ["<|start_header_id|>", "<|end_header_id|>",
-                                                             "<|end_of_text|>"]),
+    "llama3": (
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "<|pad|>",
+        ["<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"],
+    ),
     "mistral": ("<s>", "</s>", "<pad>", ["[INST]", "[/INST]"]),
 }
 ROLE_WORDS = ["user", "assistant", "system"]
@@ -65,8 +69,9 @@ class TinySpec:
     seed: int = 0
 
 
-def build_tokenizer(chat: str = "chatml", kind: str = "char", corpus: Iterable[str] | None = None,
-                    vocab_size: int = 400):
+def build_tokenizer(
+    chat: str = "chatml", kind: str = "char", corpus: Iterable[str] | None = None, vocab_size: int = 400
+):
     """A fast tokenizer with a chat template. `bpe` needs a corpus."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -86,8 +91,13 @@ def build_tokenizer(chat: str = "chatml", kind: str = "char", corpus: Iterable[s
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=2,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train_from_iterator(corpus, trainer)
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}")
@@ -96,10 +106,18 @@ def build_tokenizer(chat: str = "chatml", kind: str = "char", corpus: Iterable[s
     if chat == "llama3":
         # Real Llama-3 tokenizers prepend BOS on encode(add_special_tokens=True) although the template emits one.
         bos_id = tok.token_to_id(bos)
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                           special_tokens=[(bos, bos_id)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
-                                 unk_token="<unk>", model_max_length=512, padding_side="right")
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bos_id)]
+        )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token="<unk>",
+        model_max_length=512,
+        padding_side="right",
+    )
     hf.add_special_tokens({"additional_special_tokens": extra})
     hf.chat_template = TEMPLATES[chat]
     return hf
@@ -112,10 +130,16 @@ def build_model(spec: TinySpec, tokenizer, *, reward: bool = False):
 
     torch.manual_seed(spec.seed)
     kwargs = dict(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.ffn,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.ffn,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     if spec.arch == "gemma2":
@@ -138,13 +162,17 @@ def save_tiny(model, tokenizer, out: str | Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if not getattr(model.config, "num_labels", None) or model.config.architectures[0].endswith("CausalLM"):
-        GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
+        GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ).save_pretrained(out)
     return out
 
 
-def make_tiny(out: str | Path, spec: TinySpec = TinySpec(), *, reward: bool = False,
-              corpus: Iterable[str] | None = None) -> Path:
+def make_tiny(
+    out: str | Path, spec: TinySpec = TinySpec(), *, reward: bool = False, corpus: Iterable[str] | None = None
+) -> Path:
     """Build and save a tiny model directory in one call."""
     tok = build_tokenizer(spec.chat, spec.tokenizer, corpus)
     model = build_model(spec, tok, reward=reward)
@@ -160,7 +188,11 @@ def load_tokenizer(path: str | Path, **kwargs):
     if path.is_dir() and (path / "tokenizer.json").exists():
         import json
 
-        cfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+        cfg = (
+            json.loads((path / "tokenizer_config.json").read_text())
+            if (path / "tokenizer_config.json").exists()
+            else {}
+        )
         if cfg.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
             return PreTrainedTokenizerFast.from_pretrained(str(path), **kwargs)
     return AutoTokenizer.from_pretrained(str(path), **kwargs)

@@ -45,8 +45,7 @@ class ModelRecipe:
 DEFAULT_SOURCES = (
     ModelRecipe("llama-src", "llama", "llama3", "char", ("last", "max"), (1.0, 0.3), style="plain", steps=380),
     ModelRecipe("qwen2-src", "qwen2", "chatml", "char", ("sort", "count"), (1.0, 0.3), style="answer", steps=450),
-    ModelRecipe("mistral-src", "mistral", "mistral", "bpe", ("count", "max"), (1.0, 0.3), style="equals",
-                steps=260),
+    ModelRecipe("mistral-src", "mistral", "mistral", "bpe", ("count", "max"), (1.0, 0.3), style="equals", steps=260),
 )
 DEFAULT_TARGET = ModelRecipe("target", "llama", "chatml", "char", tuple(SKILLS), style="plain", steps=60)
 
@@ -66,9 +65,15 @@ class WorldSpec:
 
     def small(self) -> WorldSpec:
         """A quicker world for tests: fewer prompts and steps (fusion is weaker but every stage runs)."""
-        return replace(self, fusion_per_skill=120, eval_per_skill=40, train_per_skill=600, reward_steps=40,
-                       sources=tuple(replace(s, steps=60) for s in self.sources),
-                       target=replace(self.target, steps=30))
+        return replace(
+            self,
+            fusion_per_skill=120,
+            eval_per_skill=40,
+            train_per_skill=600,
+            reward_steps=40,
+            sources=tuple(replace(s, steps=60) for s in self.sources),
+            target=replace(self.target, steps=30),
+        )
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -107,8 +112,11 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), log: Callable[[
         for name, seconds in pool.map(_run_job, jobs):
             timings[name] = seconds
             log(f"  trained {name} in {seconds:.0f}s")
-    info = {"digest": spec.digest(), "spec": asdict(spec), "timings_s": {"files": round(t_files, 2), **timings,
-            "total": round(time.time() - started, 1)}}
+    info = {
+        "digest": spec.digest(),
+        "spec": asdict(spec),
+        "timings_s": {"files": round(t_files, 2), **timings, "total": round(time.time() - started, 1)},
+    }
     (tmp / "world.json").write_text(json.dumps(info, indent=2))
     if root.exists():
         shutil.rmtree(root)
@@ -137,13 +145,24 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _lm_job(root: Path, spec: WorldSpec, recipe: ModelRecipe) -> dict[str, Any]:
-    return {"kind": "lm", "root": str(root), "recipe": asdict(recipe), "steps": recipe.steps,
-            "batch_size": spec.batch_size, "seed": spec.seed}
+    return {
+        "kind": "lm",
+        "root": str(root),
+        "recipe": asdict(recipe),
+        "steps": recipe.steps,
+        "batch_size": spec.batch_size,
+        "seed": spec.seed,
+    }
 
 
 def _reward_job(root: Path, spec: WorldSpec) -> dict[str, Any]:
-    return {"kind": "reward", "root": str(root), "steps": spec.reward_steps, "batch_size": spec.batch_size,
-            "seed": spec.seed}
+    return {
+        "kind": "reward",
+        "root": str(root),
+        "steps": spec.reward_steps,
+        "batch_size": spec.batch_size,
+        "seed": spec.seed,
+    }
 
 
 def _one_thread() -> None:
@@ -171,10 +190,24 @@ def _corpus(root: Path) -> list[str]:
 
 
 def _common_args(out: Path, steps: int, batch_size: int, lr: float, seed: int) -> dict[str, Any]:
-    return dict(output_dir=str(out / "_trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
-                learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=max(1, steps // 5),
-                save_strategy="no", report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
-                dataloader_pin_memory=False, max_length=128, seed=seed, disable_tqdm=True)
+    return dict(
+        output_dir=str(out / "_trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        logging_steps=max(1, steps // 5),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        dataloader_pin_memory=False,
+        max_length=128,
+        seed=seed,
+        disable_tqdm=True,
+    )
 
 
 def _train_lm(job: dict[str, Any]) -> str:
@@ -188,12 +221,25 @@ def _train_lm(job: dict[str, Any]) -> str:
     r = ModelRecipe(**{**recipe, "skills": tuple(recipe["skills"]), "weights": tuple(recipe["weights"])})
     seed = job["seed"] * 100 + sum(map(ord, r.name))
     tok = build_tokenizer(r.chat, r.tokenizer, _corpus(root) if r.tokenizer == "bpe" else None)
-    model = build_model(TinySpec(arch=r.arch, chat=r.chat, tokenizer=r.tokenizer, hidden=r.hidden, layers=r.layers,
-                                 heads=r.heads, kv_heads=r.kv_heads, seed=seed), tok)
+    model = build_model(
+        TinySpec(
+            arch=r.arch,
+            chat=r.chat,
+            tokenizer=r.tokenizer,
+            hidden=r.hidden,
+            layers=r.layers,
+            heads=r.heads,
+            kv_heads=r.kv_heads,
+            seed=seed,
+        ),
+        tok,
+    )
     style = STYLES[r.style]
     rows = [
-        {"prompt": [{"role": "user", "content": row["prompt"]}],
-         "completion": [{"role": "assistant", "content": style.format(row["answer"])}]}
+        {
+            "prompt": [{"role": "user", "content": row["prompt"]}],
+            "completion": [{"role": "assistant", "content": style.format(row["answer"])}],
+        }
         for skill, weight in zip(r.skills, r.weights or [1.0] * len(r.skills), strict=True)
         for row in _head(read_jsonl(root / "train" / f"{skill}.jsonl"), weight)
     ]
@@ -236,16 +282,23 @@ def _train_reward(job: dict[str, Any]) -> str:
             prompt = [{"role": "user", "content": row["prompt"]}]
             good = rng.choice(styles).format(row["answer"])
             bad = rng.choice(styles).format(wrong_answer(skill, row["answer"], rng))
-            rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": good}],
-                         "rejected": [{"role": "assistant", "content": bad}]})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": good}],
+                    "rejected": [{"role": "assistant", "content": bad}],
+                }
+            )
     rng.shuffle(rows)
     tok = build_tokenizer("chatml", "char")
-    model = build_model(TinySpec(arch="llama", chat="chatml", tokenizer="char", heads=3, kv_heads=1, seed=seed), tok,
-                        reward=True)
+    model = build_model(
+        TinySpec(arch="llama", chat="chatml", tokenizer="char", heads=3, kv_heads=1, seed=seed), tok, reward=True
+    )
     out = root / "models" / "reward"
     args = RewardConfig(**_common_args(out, job["steps"], job["batch_size"], 1e-3, seed))
-    trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                            processing_class=tok)
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok
+    )
     _quiet(trainer)
     trainer.train()
     save_tiny(trainer.model, tok, out)

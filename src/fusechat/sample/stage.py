@@ -82,8 +82,11 @@ def probe_prompt(prompts: list[dict[str, Any]], plan: list[tuple[str, list[int]]
 
 def stage_config(cfg: FusechatConfig) -> dict[str, Any]:
     """The sources' settings and the identity of their weights: a model rebuilt in place is not a cache hit."""
-    return {"seed": cfg.seed, "sources": [s.model_dump(mode="json") for s in cfg.sources],
-            "models": {s.name: model_identity(s.model) for s in cfg.sources}}
+    return {
+        "seed": cfg.seed,
+        "sources": [s.model_dump(mode="json") for s in cfg.sources],
+        "models": {s.name: model_identity(s.model) for s in cfg.sources},
+    }
 
 
 # --------------------------------------------------------------------------------------------- preparing a source

@@ -36,8 +36,9 @@ def length_batches(lengths: Sequence[int], batch_size: int, alone: Sequence[bool
     return [rest[s : s + batch_size] for s in range(0, len(rest), batch_size)] + singles
 
 
-def pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[list[list[int]], list[list[int]],
-                                                                         list[list[int]]]:
+def pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: str
+) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
     """input_ids, attention_mask, position_ids (0.. over the real tokens, whichever side the pads are on)."""
     width = max(len(s) for s in seqs)
     ids, mask, pos = [], [], []
@@ -55,11 +56,16 @@ def is_out_of_memory(e: BaseException) -> bool:
     import torch
 
     return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate" in str(e).lower()))
+        isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate" in str(e).lower())
+    )
 
 
-def score_batches(forward: Callable[[list[int]], list[float]], batches: list[list[int]], n: int,
-                  on_batch: Callable[[int], None] | None = None) -> tuple[list[float], int]:
+def score_batches(
+    forward: Callable[[list[int]], list[float]],
+    batches: list[list[int]],
+    n: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[list[float], int]:
     """Run `forward(indices) -> scores` over the batches; on out-of-memory halve the batch, retry, and keep the
     smaller size for the rest. Returns the scores in index order and how many times it halved."""
     scores: list[float] = [float("nan")] * n
@@ -105,28 +111,34 @@ def check_reward_model(rm: RewardModelConfig) -> dict[str, Any]:
     if looks_local and not Path(rm.path).expanduser().is_dir():
         raise UserError(f"{KEY}.path: {rm.path}: no such model directory")
     try:
-        config = AutoConfig.from_pretrained(str(Path(rm.path).expanduser()) if looks_local else rm.path,
-                                            trust_remote_code=rm.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            str(Path(rm.path).expanduser()) if looks_local else rm.path, trust_remote_code=rm.trust_remote_code
+        )
     except ValueError as e:
         if "trust_remote_code" in str(e):
-            raise UserError(f"{KEY}.trust_remote_code: {rm.path} ships its own model code; set it to true if you "
-                            "trust that code") from None
+            raise UserError(
+                f"{KEY}.trust_remote_code: {rm.path} ships its own model code; set it to true if you trust that code"
+            ) from None
         raise UserError(f"{KEY}.path: cannot load {rm.path}: {_first_line(e)}") from None
     except OSError as e:
-        raise UserError(f"{KEY}.path: cannot load {rm.path} (not found, or not cached while offline): "
-                        f"{_first_line(e)}") from None
+        raise UserError(
+            f"{KEY}.path: cannot load {rm.path} (not found, or not cached while offline): {_first_line(e)}"
+        ) from None
     auto_map = getattr(config, "auto_map", None) or {}
     custom = "AutoModelForSequenceClassification" in auto_map
     if custom and not rm.trust_remote_code:
-        raise UserError(f"{KEY}.trust_remote_code: {rm.path} has a custom reward head; set it to true if you trust "
-                        "its code")
+        raise UserError(
+            f"{KEY}.trust_remote_code: {rm.path} has a custom reward head; set it to true if you trust its code"
+        )
     archs = getattr(config, "architectures", None) or []
     if not custom:
         if archs and not any(a.endswith(("ForSequenceClassification", "ForRewardModel")) for a in archs):
             raise UserError(f"{KEY}.path: {rm.path} is a {archs[0]}, not a sequence-classification reward model")
         if config.num_labels != 1:
-            raise UserError(f"{KEY}.path: {rm.path} has {config.num_labels} outputs (num_labels); a reward model "
-                            "must have exactly one")
+            raise UserError(
+                f"{KEY}.path: {rm.path} has {config.num_labels} outputs (num_labels); a reward model "
+                "must have exactly one"
+            )
     return config.to_dict()
 
 
@@ -175,14 +187,21 @@ class RewardModel:
         if not self.tokenizer.chat_template:
             raise UserError(f"{KEY}.chat_template: {rm.path} has no chat template; set one")
         dtype = "auto" if rm.dtype == "auto" else getattr(torch, rm.dtype)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, trust_remote_code=rm.trust_remote_code).to(self.device).eval()
-        text_config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
-            else self.model.config
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=dtype, trust_remote_code=rm.trust_remote_code
+            )
+            .to(self.device)
+            .eval()
+        )
+        text_config = (
+            self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        )
         pad_id = text_config.pad_token_id
         if pad_id is None:  # the model cannot find the last token of a padded row without one
-            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
-                else self.tokenizer.eos_token_id
+            pad_id = (
+                self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+            )
             text_config.pad_token_id = pad_id
         self.pad_id = int(pad_id)
         limit = getattr(text_config, "max_position_embeddings", None)
@@ -199,8 +218,10 @@ class RewardModel:
         import torch
 
         ids, mask, pos = pad(seqs, self.pad_id, self.cfg.padding_side)
-        inputs = {"input_ids": torch.tensor(ids, device=self.device),
-                  "attention_mask": torch.tensor(mask, device=self.device)}
+        inputs = {
+            "input_ids": torch.tensor(ids, device=self.device),
+            "attention_mask": torch.tensor(mask, device=self.device),
+        }
         if self._takes_positions:
             inputs["position_ids"] = torch.tensor(pos, device=self.device)
         with torch.inference_mode():
@@ -212,12 +233,18 @@ class RewardModel:
         if value.dim() == 2 and value.shape[-1] == 1:
             value = value[:, 0]
         if value.dim() != 1:
-            raise UserError(f"{KEY}.path: {self.cfg.path} returns scores of shape {tuple(value.shape)}; "
-                            "expected one value per sequence")
+            raise UserError(
+                f"{KEY}.path: {self.cfg.path} returns scores of shape {tuple(value.shape)}; "
+                "expected one value per sequence"
+            )
         return value.cpu().tolist()
 
-    def score(self, conversations: Sequence[list[dict[str, str]]], batch_size: int | None = None,
-              on_batch: Callable[[int], None] | None = None) -> Scored:
+    def score(
+        self,
+        conversations: Sequence[list[dict[str, str]]],
+        batch_size: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> Scored:
         seqs, truncated = self.encode(conversations)
         alone = [self.pad_id in s for s in seqs]
         batches = length_batches([len(s) for s in seqs], batch_size or self.cfg.batch_size, alone)
@@ -226,8 +253,10 @@ class RewardModel:
 
 
 def conversation(messages: list[dict[str, str]], response: str) -> list[dict[str, str]]:
-    return [*({"role": m["role"], "content": m["content"]} for m in messages),
-            {"role": "assistant", "content": response}]
+    return [
+        *({"role": m["role"], "content": m["content"]} for m in messages),
+        {"role": "assistant", "content": response},
+    ]
 
 
 def identity(rm: RewardModelConfig) -> dict[str, Any]:

@@ -82,15 +82,26 @@ def run_program(source: str, limits: CodeVerifierConfig) -> str:
             os.chown(work / "main.py", uid, uid)
         env = {**SCRUBBED_ENV, "HOME": "/tmp" if as_root else str(work), "TMPDIR": "/tmp" if as_root else str(work)}
         settings = {
-            "nonce": nonce, "uid": uid, "cpu_s": max(1, int(limits.timeout_s + 0.999)),
-            "memory_mb": limits.memory_mb, "max_processes": limits.max_processes, "file_mb": FILE_MB,
+            "nonce": nonce,
+            "uid": uid,
+            "cpu_s": max(1, int(limits.timeout_s + 0.999)),
+            "memory_mb": limits.memory_mb,
+            "max_processes": limits.max_processes,
+            "file_mb": FILE_MB,
             "keep_visible": _interpreter_dirs(python),
         }
         with tempfile.TemporaryFile() as out:  # unnamed: the check cannot reach it by path
             started = time.monotonic()
             try:
-                proc = subprocess.Popen([python, "-I", str(BOOT)], stdin=subprocess.PIPE, stdout=out,
-                                        stderr=subprocess.STDOUT, cwd=work, env=env, start_new_session=True)
+                proc = subprocess.Popen(
+                    [python, "-I", str(BOOT)],
+                    stdin=subprocess.PIPE,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=work,
+                    env=env,
+                    start_new_session=True,
+                )
             except OSError:
                 return "error"
             try:
@@ -127,8 +138,13 @@ def _interpreter_dirs(python: str) -> list[str]:
     if python == sys.executable:
         return [sys.base_prefix, sys.prefix, str(Path(sys.executable).resolve().parent)]
     try:
-        found = subprocess.run([python, "-I", "-c", "import sys; print(sys.base_prefix); print(sys.prefix)"],
-                               capture_output=True, text=True, timeout=30, env=SCRUBBED_ENV).stdout.split()
+        found = subprocess.run(
+            [python, "-I", "-c", "import sys; print(sys.base_prefix); print(sys.prefix)"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=SCRUBBED_ENV,
+        ).stdout.split()
     except (OSError, subprocess.TimeoutExpired):
         found = []
     return [*found, str(Path(python).resolve().parent)]
@@ -143,9 +159,17 @@ def _kill_everything(proc: subprocess.Popen, uid: int | None) -> None:
     if uid is not None:
         # kill(-1) from inside the uid reaches every process it owns, wherever it moved (setsid, double fork)
         for _ in range(5):
-            subprocess.run(["/bin/sh", "-c", "kill -9 -1 2>/dev/null"], user=uid, group=uid, extra_groups=[],
-                           env=SCRUBBED_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, check=False)
+            subprocess.run(
+                ["/bin/sh", "-c", "kill -9 -1 2>/dev/null"],
+                user=uid,
+                group=uid,
+                extra_groups=[],
+                env=SCRUBBED_ENV,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
             if not processes_of(uid):
                 break
             time.sleep(0.05)

@@ -32,17 +32,19 @@ from fusechat.prompts import read_prompts
 from fusechat.shards import ChunkDir, ShardSpec, chunk_ranges
 from fusechat.store import RunStore, StageResult, Version, run_stage
 
-SCORES_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("source", pa.string()),
-    ("sample_index", pa.int64()),
-    ("reward", pa.float64()),
-    ("correct", pa.bool_()),
-    ("verdict", pa.string()),
-    ("domain", pa.string()),
-    ("truncated", pa.bool_()),  # the reward model saw only the first max_length tokens
-    ("reward_tokens", pa.int64()),
-])
+SCORES_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("source", pa.string()),
+        ("sample_index", pa.int64()),
+        ("reward", pa.float64()),
+        ("correct", pa.bool_()),
+        ("verdict", pa.string()),
+        ("domain", pa.string()),
+        ("truncated", pa.bool_()),  # the reward model saw only the first max_length tokens
+        ("reward_tokens", pa.int64()),
+    ]
+)
 SAMPLE_COLUMNS = ["prompt_id", "source", "sample_index", "text"]
 TIMINGS_KEY = b"fusechat.scorer_timings"
 MATH_OK = {"correct": True, "wrong": False, "no_answer": False, "timeout": False}
@@ -66,8 +68,11 @@ def route_for(score: ScoreConfig, domain: str) -> list[str]:
 
 def combine(verdicts: dict[str, str]) -> bool | None:
     """`correct` from the verifiers' verdicts (see the module docstring)."""
-    said = [CODE_OK.get(v) if name == "code" else MATH_OK.get(v) for name, v in verdicts.items()
-            if name in ("math", "code", "exact")]
+    said = [
+        CODE_OK.get(v) if name == "code" else MATH_OK.get(v)
+        for name, v in verdicts.items()
+        if name in ("math", "code", "exact")
+    ]
     if not said:
         return None
     if False in said:
@@ -75,13 +80,25 @@ def combine(verdicts: dict[str, str]) -> bool | None:
     return True if all(s is True for s in said) else None
 
 
-def score_rows(rows: Sequence[dict[str, Any]], score: ScoreConfig, scorers: Scorers
-               ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+def score_rows(
+    rows: Sequence[dict[str, Any]], score: ScoreConfig, scorers: Scorers
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
     """Sample rows (with `domain`, `messages`, `reference` of their prompt) -> score rows, timings per scorer."""
     routes = [route_for(score, r["domain"]) for r in rows]
     verdicts: list[dict[str, str]] = [{} for _ in rows]
-    out = [{"prompt_id": r["prompt_id"], "source": r["source"], "sample_index": r["sample_index"], "reward": None,
-            "correct": None, "domain": r["domain"], "truncated": None, "reward_tokens": None} for r in rows]
+    out = [
+        {
+            "prompt_id": r["prompt_id"],
+            "source": r["source"],
+            "sample_index": r["sample_index"],
+            "reward": None,
+            "correct": None,
+            "domain": r["domain"],
+            "truncated": None,
+            "reward_tokens": None,
+        }
+        for r in rows
+    ]
     timings: dict[str, dict[str, float]] = {}
 
     def run(name: str, key: str | None, fn: Callable | None, make: Callable[[dict[str, Any]], Any]) -> None:
@@ -112,8 +129,12 @@ def score_rows(rows: Sequence[dict[str, Any]], score: ScoreConfig, scorers: Scor
         rewards, truncated, n_tokens = scorers.reward(items)
         return list(zip(rewards, truncated, n_tokens, strict=True))
 
-    run("reward", None, reward_fn if scorers.reward else None,
-        lambda r: [*r["messages"], {"role": "assistant", "content": r["text"]}])
+    run(
+        "reward",
+        None,
+        reward_fn if scorers.reward else None,
+        lambda r: [*r["messages"], {"role": "assistant", "content": r["text"]}],
+    )
     run("math", "answer", scorers.math, lambda r: (r["text"], str(r["reference"]["answer"])))
     run("code", "tests", scorers.code, lambda r: (r["text"], r["reference"]["tests"]))
     run("exact", "answer", scorers.exact, lambda r: (r["text"], str(r["reference"]["answer"])))
@@ -166,8 +187,12 @@ class PromptIndex:
             raise UserError(f"{where}: sample of prompt {e.args[0]} not in the prompts version it came from") from None
         info = self.table.take(idx).to_pylist()
         for r, p in zip(rows, info, strict=True):
-            r.update(domain=p["domain"], messages=p["messages"],
-                     reference=json.loads(p["reference"]) if p["reference"] else None, text=r["text"] or "")
+            r.update(
+                domain=p["domain"],
+                messages=p["messages"],
+                reference=json.loads(p["reference"]) if p["reference"] else None,
+                text=r["text"] or "",
+            )
         return rows
 
     def check_references(self, score: ScoreConfig) -> None:
@@ -176,15 +201,23 @@ class PromptIndex:
         refs = self.table.column("reference").to_pylist()
         for domain in sorted(set(domains)):
             route = route_for(score, domain)
-            for scorer, key, field in (("math", "answer", "answer"), ("code", "tests", "tests"),
-                                       ("exact", "answer", "answer")):
+            for scorer, key, field in (
+                ("math", "answer", "answer"),
+                ("code", "tests", "tests"),
+                ("exact", "answer", "answer"),
+            ):
                 if scorer not in route:
                     continue
-                has = sum(1 for d, r in zip(domains, refs, strict=True) if d == domain and r and
-                          json.loads(r).get(key) is not None)
+                has = sum(
+                    1
+                    for d, r in zip(domains, refs, strict=True)
+                    if d == domain and r and json.loads(r).get(key) is not None
+                )
                 if has == 0:
-                    raise UserError(f"score.routes.{domain}: routed to the {scorer} verifier, but none of its prompts "
-                                    f"has a reference {key} (map one with prompts.sources[].fields.{field})")
+                    raise UserError(
+                        f"score.routes.{domain}: routed to the {scorer} verifier, but none of its prompts "
+                        f"has a reference {key} (map one with prompts.sources[].fields.{field})"
+                    )
 
 
 # --------------------------------------------------------------------------------------------- shell
@@ -198,8 +231,11 @@ def stage_config(cfg: FusechatConfig) -> dict[str, Any]:
         score["reward_model"].pop("batch_size")
     score["math"].pop("workers")
     score["code"].pop("workers")
-    return {"score": score, "reward_model": identity(cfg.score.reward_model) if cfg.score.reward_model else None,
-            "sandbox": isolation()}
+    return {
+        "score": score,
+        "reward_model": identity(cfg.score.reward_model) if cfg.score.reward_model else None,
+        "sandbox": isolation(),
+    }
 
 
 def needs_reward(cfg: FusechatConfig, domains: set[str]) -> str | None:
@@ -234,13 +270,28 @@ def run_score(
     def body(partial: Path) -> StageResult:
         return score_chunks(cfg, ChunkDir(partial), sample_rows, index, shard, samples, log, progress)
 
-    return run_stage(store, "scores", stage_config(cfg), {"samples": samples, "prompts": prompts}, body,
-                     force=force, resumable=True, log=log)
+    return run_stage(
+        store,
+        "scores",
+        stage_config(cfg),
+        {"samples": samples, "prompts": prompts},
+        body,
+        force=force,
+        resumable=True,
+        log=log,
+    )
 
 
-def score_chunks(cfg: FusechatConfig, chunks: ChunkDir, sample_rows: SampleRows, index: PromptIndex,
-                 shard: ShardSpec, samples: Version, log: Callable[[str], None],
-                 progress: Callable[[int, int], None] | None) -> StageResult:
+def score_chunks(
+    cfg: FusechatConfig,
+    chunks: ChunkDir,
+    sample_rows: SampleRows,
+    index: PromptIndex,
+    shard: ShardSpec,
+    samples: Version,
+    log: Callable[[str], None],
+    progress: Callable[[int, int], None] | None,
+) -> StageResult:
     ranges = chunk_ranges(sample_rows.total, cfg.score.shard_size) or [(0, 0)]
     keys = [f"chunk-{i:06d}" for i in range(len(ranges))]
     mine = [i for i in range(len(ranges)) if shard.owns(i)]
@@ -285,9 +336,14 @@ def summarize(chunks: ChunkDir, keys: list[str]) -> StageResult:
             acc = per_scorer.setdefault(name, {"responses": 0, "seconds": 0.0})
             acc["responses"] += t["responses"]
             acc["seconds"] += t["seconds"]
-    throughput = {name: {"responses": int(t["responses"]), "seconds": round(t["seconds"], 3),
-                         "responses_per_s": round(t["responses"] / t["seconds"], 2) if t["seconds"] else None}
-                  for name, t in sorted(per_scorer.items())}
+    throughput = {
+        name: {
+            "responses": int(t["responses"]),
+            "seconds": round(t["seconds"], 3),
+            "responses_per_s": round(t["responses"] / t["seconds"], 2) if t["seconds"] else None,
+        }
+        for name, t in sorted(per_scorer.items())
+    }
     return StageResult(
         counts={
             "responses": table.num_rows,
@@ -310,10 +366,12 @@ class LiveScorers:
 
     def for_rows(self, rows: list[dict[str, Any]]) -> Scorers:
         names = {name for r in rows for name in route_for(self.score, r["domain"])}
-        return Scorers(reward=self._reward if "reward" in names else None,
-                       math=self._math if "math" in names else None,
-                       code=self._code if "code" in names else None,
-                       exact=self._exact if "exact" in names else None)
+        return Scorers(
+            reward=self._reward if "reward" in names else None,
+            math=self._math if "math" in names else None,
+            code=self._code if "code" in names else None,
+            exact=self._exact if "exact" in names else None,
+        )
 
     def _reward(self, conversations):
         if self.reward_model is None:
