@@ -4,12 +4,13 @@ Both score the same conversations with the same tiny reward model; the one-at-a-
 `on_policy_data_gen/reward_model_annotate.py`: `apply_chat_template(..., return_tensors="pt")`, then one forward
 per response. Prints both rates, the ratio (target >= 3x) and the largest score difference.
 
-    python scripts/bench_reward.py [--n 256] [--batch-size 32] [--threads 1]
+    python scripts/bench_reward.py [--n 256] [--batch-size 32] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import tempfile
 import time
@@ -20,7 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     args = ap.parse_args()
 
     import torch

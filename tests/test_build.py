@@ -186,7 +186,7 @@ def test_rows_follow_the_selection_rules(world):
 
 
 def test_stats_count_every_prompt_and_token_lengths_match_the_template(world):
-    from fusechat.demo.tiny import load_tokenizer
+    from fusechat.tokenizers import load_tokenizer
 
     stats = json.loads((world["version"].path / "stats.json").read_text())
     assert stats["inputs"] == {"prompts": "v001", "samples": "v001", "scores": "v001"}

@@ -177,22 +177,3 @@ def make_tiny(
     tok = build_tokenizer(spec.chat, spec.tokenizer, corpus)
     model = build_model(spec, tok, reward=reward)
     return save_tiny(model, tok, out)
-
-
-def load_tokenizer(path: str | Path, **kwargs):
-    """AutoTokenizer, except that a fast tokenizer saved by `tokenizers` is loaded as such: transformers 5
-    replaces it with Qwen2Tokenizer (different pre-tokenizer, different ids) for `model_type: qwen2` dirs."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    path = Path(path)
-    if path.is_dir() and (path / "tokenizer.json").exists():
-        import json
-
-        cfg = (
-            json.loads((path / "tokenizer_config.json").read_text())
-            if (path / "tokenizer_config.json").exists()
-            else {}
-        )
-        if cfg.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return PreTrainedTokenizerFast.from_pretrained(str(path), **kwargs)
-    return AutoTokenizer.from_pretrained(str(path), **kwargs)
