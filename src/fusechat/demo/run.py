@@ -117,9 +117,10 @@ def markdown(result: dict[str, Any]) -> str:
     for name, c in result["contributions"].items():
         lines.append(f"| {name} | {c['sft_rows']} | {c['dpo_pairs']} |")
     t = result.get("timings_s", {})
+    world = "world reused from the cache" if t.get("world", 0) < 1 else f"world built in {t['world']:.0f}s"
     lines += [
         "",
-        f"Held-out greedy accuracy per skill. Sampling engine: {result.get('engine')}. "
-        f"World {t.get('world', 0):.0f}s, total {t.get('total', 0):.0f}s.",
+        f"Held-out greedy accuracy per skill. Sampling engine: {result.get('engine')}; {world}; "
+        f"total {t.get('total', 0):.0f}s.",
     ]
     return "\n".join(lines) + "\n"
