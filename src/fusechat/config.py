@@ -159,8 +159,7 @@ class BuildConfig(Section):
 # --------------------------------------------------------------------------------------------- target / train
 class TargetConfig(Section):
     path: str
-    chat_template: str | None = None
-    trust_remote_code: bool = False
+    chat_template: str | None = None  # a .jinja file or an inline template; overrides the tokenizer's
 
 
 class LoraConfig(Section):

@@ -130,7 +130,7 @@ def check_responses(rows: list[dict[str, Any]], responses: list[str], cfg: Fusec
     if math_items:
         from fusechat.score.math_check import MathChecker
 
-        checker = MathChecker(cfg.score.math.timeout_s, workers=2)
+        checker = MathChecker(cfg.score.math.timeout_s, cfg.score.math.workers)
         try:
             out = checker.check_many([(t, str(a)) for _, t, a in math_items if a is not None])
         finally:

@@ -11,16 +11,8 @@ from fusechat.config import FusechatConfig
 from fusechat.errors import UserError
 from fusechat.store import RunStore, Version
 
-# CLI verb -> stage directory
-STAGES = {
-    "prompts": "prompts",
-    "sample": "samples",
-    "score": "scores",
-    "build": "datasets",
-    "sft": "sft",
-    "dpo": "dpo",
-    "eval": "eval",
-}
+# The stages in pipeline order, by CLI verb.
+STAGES = ("prompts", "sample", "score", "build", "sft", "dpo", "eval")
 
 # A stage's progress display: given the verb, a context manager yielding the stage's progress callback (or None).
 ProgressFor = Callable[[str], AbstractContextManager[Any]]
@@ -34,7 +26,6 @@ def run_stage_by_name(
     force: bool,
     log: Callable[[str], None],
     progress: Any = None,
-    **extra: Any,
 ) -> Version | None:
     if verb == "prompts":
         from fusechat.prompts import run_prompts
@@ -43,27 +34,27 @@ def run_stage_by_name(
     if verb == "sample":
         from fusechat.sample import run_sample
 
-        return run_sample(cfg, store, force=force, log=log, progress=progress, **extra)
+        return run_sample(cfg, store, force=force, log=log, progress=progress)
     if verb == "score":
         from fusechat.score.stage import run_score
 
-        return run_score(cfg, store, force=force, log=log, progress=progress, **extra)
+        return run_score(cfg, store, force=force, log=log, progress=progress)
     if verb == "build":
         from fusechat.build import run_build
 
-        return run_build(cfg, store, force=force, log=log, progress=progress, **extra)
+        return run_build(cfg, store, force=force, log=log, progress=progress)
     if verb == "sft":
         from fusechat.train.sft import run_sft
 
-        return run_sft(cfg, store, force=force, log=log, **extra)
+        return run_sft(cfg, store, force=force, log=log)
     if verb == "dpo":
         from fusechat.train.dpo import run_dpo
 
-        return run_dpo(cfg, store, force=force, log=log, **extra)
+        return run_dpo(cfg, store, force=force, log=log)
     if verb == "eval":
         from fusechat.eval import run_eval
 
-        return run_eval(cfg, store, force=force, log=log, **extra)
+        return run_eval(cfg, store, force=force, log=log)
     raise ValueError(f"unknown stage {verb!r}")
 
 

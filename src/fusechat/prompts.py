@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusechat.config import FieldMap, FusechatConfig, PromptSource
-from fusechat.errors import UserError
+from fusechat.errors import UserError, first_line
 from fusechat.store import RunStore, StageResult, Version, run_stage
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -217,7 +217,7 @@ def _iter_dataset_dir(path: Path, source: PromptSource, where: str) -> Iterator[
     except UserError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the path and the reason
-        raise UserError(f"{where}.path: cannot load dataset directory {path}: {_first_line(e)}") from None
+        raise UserError(f"{where}.path: cannot load dataset directory {path}: {first_line(e)}") from None
     for i, record in enumerate(ds):
         yield f"{path}: row {i}", record
 
@@ -233,19 +233,13 @@ def _iter_hub(source: PromptSource, where: str) -> Iterator[tuple[str, dict[str,
         first = next(it, None)
     except Exception as e:
         raise UserError(
-            f"{where} ({source.name}): cannot load hub dataset {source.path!r} "
-            f"(offline, or not found): {_first_line(e)}"
+            f"{where} ({source.name}): cannot load hub dataset {source.path!r} (offline, or not found): {first_line(e)}"
         ) from None
     if first is None:
         return
     yield f"{source.path}: row 0", first
     for i, record in enumerate(it, 1):
         yield f"{source.path}: row {i}", record
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
 
 
 def source_identity(source: PromptSource) -> dict[str, Any]:

@@ -9,6 +9,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fusechat.errors import UserError
+
+
+def template_override(value: str | None, key: str) -> str | None:
+    """A config's `chat_template`: an inline Jinja template, or a file holding one (None: use the tokenizer's)."""
+    if value is None or "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(f"{key}: {value}: file not found (give a .jinja file or an inline template)")
+    return path.read_text()
+
 
 def load_tokenizer(path: str | Path, **kwargs):
     """AutoTokenizer, except that a fast tokenizer saved by `tokenizers` is loaded as such."""

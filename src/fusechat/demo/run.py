@@ -16,13 +16,7 @@ from fusechat.store import RunStore, Version
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 # Fewer prompts and steps for the end-to-end test: every stage runs, fusion is weaker.
-SMALL_OVERRIDES = [
-    "sft.max_steps=40",
-    "dpo.max_steps=10",
-    "sources.0.chunk_size=256",
-    "sources.1.chunk_size=256",
-    "sources.2.chunk_size=256",
-]
+SMALL_OVERRIDES = ["sft.max_steps=40", "dpo.max_steps=10"]
 
 
 def sampling_engine() -> str:

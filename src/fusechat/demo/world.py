@@ -2,8 +2,8 @@
 model, all built locally in a few minutes on a laptop CPU.
 
 Each source is a different architecture with its own tokenizer and chat template, trained briefly (so it is
-imperfect) on two of the four skills, answering in its own style. The target is a smaller budget model trained
-on all skills just long enough to follow the format. The reward model (sequence classification, one output) is
+imperfect) on two of the four skills, answering in its own style. The target (same size) is trained on all
+skills just long enough to follow the format, so it is weak on every one. The reward model (sequence classification, one output) is
 trained on the world's labelled correct/incorrect answers. The world is cached: same spec, same directory, no work.
 """
 

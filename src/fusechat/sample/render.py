@@ -6,11 +6,11 @@ themselves, and a tokenizer that adds one too gives the double-BOS prompt that s
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from fusechat.config import SourceModel
 from fusechat.errors import UserError
+from fusechat.tokenizers import template_override
 
 
 def with_system(messages: list[dict[str, str]], system_prompt: str | None, policy: str) -> list[dict[str, str]]:
@@ -32,14 +32,9 @@ def with_system(messages: list[dict[str, str]], system_prompt: str | None, polic
 
 def chat_template(source: SourceModel, tokenizer: Any, where: str) -> str:
     """The config's template (a .jinja file or an inline template), else the tokenizer's own."""
-    override = source.chat_template
+    override = template_override(source.chat_template, f"{where}.chat_template")
     if override is not None:
-        if "{{" in override or "{%" in override:
-            return override
-        path = Path(override).expanduser()
-        if not path.is_file():
-            raise UserError(f"{where}.chat_template: {override}: file not found (give a .jinja file or a template)")
-        return path.read_text()
+        return override
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
             f"{where}.model ({source.name}): the tokenizer of {source.model} has no chat template; "

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusechat.config import FusechatConfig, SourceModel
-from fusechat.errors import UserError
+from fusechat.errors import UserError, first_line
 from fusechat.prompts import read_prompts
 from fusechat.sample.engines import Completion, check_engine, open_engine
 from fusechat.sample.render import chat_template, render_ids, stop_token_ids, with_system
@@ -129,10 +129,9 @@ def prepare(source: SourceModel, where: str, probe: dict[str, Any]) -> Prepared:
     try:
         tokenizer = load_tokenizer(model)
     except Exception as e:  # transformers raises OSError, ValueError, ... for an unknown or uncached hub id
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(
             f"{where}.model ({source.name}): cannot load {source.model!r} "
-            f"(not a local directory; hub id not found or not cached offline): {reason}"
+            f"(not a local directory; hub id not found or not cached offline): {first_line(e)}"
         ) from None
     prep = Prepared(source, where, tokenizer, chat_template(source, tokenizer, where))
     check_engine(source, where)

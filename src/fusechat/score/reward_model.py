@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fusechat.config import RewardModelConfig
-from fusechat.errors import UserError
+from fusechat.errors import UserError, first_line
+from fusechat.tokenizers import template_override
 
 KEY = "score.reward_model"
 
@@ -119,10 +120,10 @@ def check_reward_model(rm: RewardModelConfig) -> dict[str, Any]:
             raise UserError(
                 f"{KEY}.trust_remote_code: {rm.path} ships its own model code; set it to true if you trust that code"
             ) from None
-        raise UserError(f"{KEY}.path: cannot load {rm.path}: {_first_line(e)}") from None
+        raise UserError(f"{KEY}.path: cannot load {rm.path}: {first_line(e)}") from None
     except OSError as e:
         raise UserError(
-            f"{KEY}.path: cannot load {rm.path} (not found, or not cached while offline): {_first_line(e)}"
+            f"{KEY}.path: cannot load {rm.path} (not found, or not cached while offline): {first_line(e)}"
         ) from None
     auto_map = getattr(config, "auto_map", None) or {}
     custom = "AutoModelForSequenceClassification" in auto_map
@@ -140,23 +141,6 @@ def check_reward_model(rm: RewardModelConfig) -> dict[str, Any]:
                 "must have exactly one"
             )
     return config.to_dict()
-
-
-def chat_template_text(rm: RewardModelConfig) -> str | None:
-    """The config's template override: a .jinja file's text, or the inline template itself."""
-    if rm.chat_template is None:
-        return None
-    p = Path(rm.chat_template).expanduser()
-    if rm.chat_template.endswith((".jinja", ".j2", ".txt")) or p.is_file():
-        if not p.is_file():
-            raise UserError(f"{KEY}.chat_template: {p}: file not found")
-        return p.read_text()
-    return rm.chat_template
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -181,7 +165,7 @@ class RewardModel:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         path = str(Path(rm.path).expanduser()) if Path(rm.path).expanduser().exists() else rm.path
         self.tokenizer = load_tokenizer(path, trust_remote_code=rm.trust_remote_code)
-        template = chat_template_text(rm)
+        template = template_override(rm.chat_template, f"{KEY}.chat_template")
         if template is not None:
             self.tokenizer.chat_template = template
         if not self.tokenizer.chat_template:
@@ -263,6 +247,6 @@ def identity(rm: RewardModelConfig) -> dict[str, Any]:
     """What the scores' fingerprint must see of the reward model: its files and the template override."""
     from fusechat.store import model_identity
 
-    template = chat_template_text(rm)
+    template = template_override(rm.chat_template, f"{KEY}.chat_template")
     digest = hashlib.sha256(template.encode()).hexdigest()[:16] if template is not None else None
     return {**model_identity(rm.path), "chat_template": digest}

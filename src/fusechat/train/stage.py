@@ -38,10 +38,9 @@ def data_files(version: Version, split: str, columns: tuple[str, ...]) -> list[s
 
 def chat_template(cfg: FusechatConfig) -> str | None:
     """`target.chat_template`: a .jinja file or the template itself."""
-    value = cfg.target.chat_template if cfg.target else None
-    if value and Path(value).is_file():
-        return Path(value).read_text()
-    return value
+    from fusechat.tokenizers import template_override
+
+    return template_override(cfg.target.chat_template if cfg.target else None, "target.chat_template")
 
 
 def check_tokenizer(model: str, template: str | None, where: str) -> None:
