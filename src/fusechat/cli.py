@@ -176,6 +176,9 @@ def _show_training(version) -> None:
         )
     )
     console.print(f"  model: {version.path / 'model'}")
+    kept = version.manifest.get("checkpoints")
+    if kept:
+        console.print(f"  checkpoints: {', '.join(kept)} (fusechat eval --model {version.ref}@{kept[-1]})")
 
 
 @app.command()
@@ -276,7 +279,8 @@ def eval_(
         typer.Option(
             "--model",
             help="dpo, sft, target, a source name, or a model "
-            "directory. Default: the latest dpo model, else sft, else target.",
+            "directory; dpo/v003 or dpo/v003@step-200 for a version or one of its checkpoints. "
+            "Default: the latest dpo model, else sft, else target.",
         ),
     ] = None,
     input_: InputOpt = None,
