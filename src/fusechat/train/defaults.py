@@ -317,10 +317,14 @@ def plan(
     else:
         need = estimate(batch, False)
         on = need["total_gib"] > budget
-        verb = "does not fit" if on else "fits"
         reason = (
-            f"micro-batch {batch} x {per_example * seq} tokens {verb} without: ~{need['total_gib']} GiB "
-            f"(states {need['states_gib']}, activations {need['activations_gib']}) of {budget} usable per GPU"
+            f"micro-batch {batch} ({batch * per_example * seq} tokens) {'does not fit' if on else 'fits'} without: "
+            f"~{need['total_gib']} GiB (states {need['states_gib']}, activations {need['activations_gib']}) "
+            f"of {budget} usable per GPU"
         )
+        if on and estimate(batch, True)["total_gib"] > budget:
+            reason += (
+                f"; ~{estimate(batch, True)['total_gib']} GiB even with it: shard the model (zero3, fsdp) or use lora"
+            )
         trl["gradient_checkpointing"] = decide("gradient_checkpointing", on, reason)
     return Plan(trl={**trl, **user, "model_init_kwargs": init}, padding_free=flat, decisions=decisions)
