@@ -166,7 +166,8 @@ def _show_training(version) -> None:
     if version is None:
         return
     train = version.manifest.get("train", {})
-    shown = ("world_size", "global_step", "final_loss", "mean_loss", "reward_accuracy", "reward_margin", "tokens_per_s")
+    shown = ("world_size", "effective_batch", "global_step", "final_loss", "mean_loss", "reward_accuracy")
+    shown += ("reward_margin", "tokens_per_s")
     console.print(
         "  "
         + ", ".join(
