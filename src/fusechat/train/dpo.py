@@ -3,6 +3,8 @@
 The policy starts from the model of the latest complete sft version (or `--input sft=vNNN`, or `dpo.model`), and
 the same weights are the frozen reference (a copy, or the adapter-disabled base with LoRA). `loss_type`, `beta`
 and the rest come from `dpo:`; the Llama recipes use length-normalised DPO (`loss_type: sigmoid_norm`, beta 10).
+The model of every `save_steps` checkpoint stays in the version (`checkpoints/step-N`, see `train.checkpoints`);
+with `precompute_ref_log_probs` the reference log-probs are stored and reused (`train.ref_logps`).
 """
 
 from __future__ import annotations

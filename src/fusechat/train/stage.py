@@ -1,6 +1,8 @@
 """The shell both training stages share: check everything a user can get wrong (data, tokenizer, hardware, TRL
-arguments) before a model loads, fingerprint the effective config, then train in the resumable partial version
-(in this process, or under `accelerate launch`) and commit `model/` with the run's numbers in the manifest."""
+arguments, the global batch) before a model loads, plan the hardware defaults (`train.defaults`), fingerprint the
+effective config, then train in the resumable partial version (in this process, or under `accelerate launch`) and
+commit `model/` (plus the kept `checkpoints/step-N` and stored reference log-probs) with the run's numbers and the
+reasons of the defaults in the manifest."""
 
 from __future__ import annotations
 
