@@ -18,9 +18,9 @@ H100x8_BARE = Hardware("cuda", 8, True, "NVIDIA H100 80GB HBM3", 79.1)  # no fla
 H200 = Hardware("cuda", 1, True, "NVIDIA H200", 139.8, liger=("llama",))
 V100 = Hardware("cuda", 1, False, "Tesla V100-SXM2-32GB", 31.7)
 
-LLAMA_8B = ModelFacts("llama", 8_030_261_248, 32, 4096, 14336, 1024, 128256, 131072)
-LLAMA_07B = ModelFacts("llama", 755_000_000, 16, 2048, 5632, 1024, 300, 2048)  # the issue's benchmark model
-GEMMA2_9B = ModelFacts("gemma2", 9_241_705_984, 42, 3584, 14336, 2048, 256000, 8192, softcapping=True)
+LLAMA_8B = ModelFacts("llama", 8_030_261_248, 32, 4096, 14336, 1024, 128256, 131072, heads=32)
+LLAMA_07B = ModelFacts("llama", 755_000_000, 16, 2048, 5632, 1024, 300, 2048, heads=16)  # the issue's bench model
+GEMMA2_9B = ModelFacts("gemma2", 9_241_705_984, 42, 3584, 14336, 2048, 256000, 8192, softcapping=True, heads=16)
 ZERO3 = Strategy("deepspeed", 3, "bf16")
 FSDP = Strategy("fsdp", 0, "bf16")
 RECIPE = {"max_length": 2048, "per_device_train_batch_size": 8}
@@ -109,6 +109,10 @@ def test_checkpointing_only_when_the_micro_batch_does_not_fit():
     # 8B under plain DDP: 16 bytes per parameter do not fit in 80 GB whatever the activations
     ddp = plan("sft", dict(RECIPE), H100x8, world_size=8, facts=LLAMA_8B)
     assert ddp.trl["gradient_checkpointing"] is True and "zero3" in ddp.decisions["gradient_checkpointing"]["reason"]
+    # Gemma-2 without flash-attn trains on eager attention, whose score matrices take memory: a smaller micro-batch
+    eager = plan("sft", dict(RECIPE), H100x8_BARE, world_size=8, facts=GEMMA2_9B, strategy=ZERO3, global_batch=128)
+    flash = plan("sft", dict(RECIPE), H100x8, world_size=8, facts=GEMMA2_9B, strategy=ZERO3, global_batch=128)
+    assert (eager.trl["per_device_train_batch_size"], flash.trl["per_device_train_batch_size"]) == (1, 2)
     # unknown model: conservative
     unknown = plan("sft", dict(RECIPE), H100x8, world_size=8, facts=None, strategy=ZERO3)
     assert unknown.trl["gradient_checkpointing"] is True
@@ -223,3 +227,47 @@ def test_gemma2_facts_say_softcapping(tmp_path):
 def test_hardware_in_the_manifest_says_whether_liger_is_there():
     assert H200.as_dict()["liger"] is True and NO_GPU.as_dict()["liger"] is False
     assert H200.as_dict()["memory_gib"] == 139.8
+
+
+TARGETS = {  # the recipes' targets, from their config.json
+    "meta-llama/Llama-3.1-8B-Instruct": LLAMA_8B,
+    "Qwen/Qwen2.5-7B-Instruct": ModelFacts("qwen2", 7_615_616_512, 28, 3584, 18944, 512, 152064, 32768, heads=28),
+    "google/gemma-2-9b-it": GEMMA2_9B,
+    "meta-llama/Llama-3.2-3B-Instruct": ModelFacts(
+        "llama", 3_212_749_824, 28, 3072, 8192, 1024, 128256, 131072, heads=24
+    ),
+    "meta-llama/Llama-3.2-1B-Instruct": ModelFacts(
+        "llama", 1_235_814_400, 16, 2048, 8192, 512, 128256, 131072, heads=32
+    ),
+}
+
+
+@pytest.mark.parametrize("world", [8, 16])
+def test_every_recipe_trains_with_global_batch_128_on_one_or_two_h100_nodes(world):
+    from pathlib import Path
+
+    from fusechat.config import load_config
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        if path.stem == "demo":
+            continue
+        cfg = load_config(path)
+        facts = TARGETS[cfg.target.path]
+        for kind in ("sft", "dpo"):
+            section = getattr(cfg, kind)
+            strategy = launch.strategy(launch.resolve_config(section.accelerate_config, kind))
+            p = plan(
+                kind,
+                section.trl_args(),
+                H100x8_BARE,
+                world_size=world,
+                facts=facts,
+                strategy=strategy,
+                global_batch=section.global_batch_size,
+            )
+            args = p.trl
+            assert args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] * world == 128, path
+            assert args["model_init_kwargs"]["dtype"] == "bfloat16"  # ZeRO-3
+            expected = "eager" if facts.softcapping else "sdpa"
+            assert args["model_init_kwargs"]["attn_implementation"] == expected
+            assert p.decisions["gradient_checkpointing"]["value"] is args["gradient_checkpointing"]

@@ -115,11 +115,14 @@ def memory_estimate(
     lora: bool,
     reference: bool,
     checkpointing: bool,
+    eager_length: int = 0,
 ) -> dict[str, float]:
     """GiB per GPU for one micro-batch of `tokens` tokens: model states (weights, gradients, AdamW, a DPO reference
     copy) by strategy, plus activations. Activations per token and layer (bf16 autocast, flash/sdpa attention, no
     full logits: TRL's fused LM head): norms, q/k/v, rotary, attention output and the SwiGLU MLP, about
-    2 x (16 h + 6 kv + 4 i) bytes; with checkpointing, one fp32 layer input per layer plus one layer recomputed."""
+    2 x (16 h + 6 kv + 4 i) bytes, plus 6 x heads x length for eager attention's score matrices (`eager_length`:
+    the sequence length when attention is eager); with checkpointing, one fp32 layer input per layer plus one layer
+    recomputed."""
     p, w = facts.params, world_size
     layer_params = max(p - 2 * facts.vocab * facts.hidden, 0) / max(facts.layers, 1)
     shard = w if strategy.shards_params else 1
@@ -137,6 +140,7 @@ def memory_estimate(
     if reference:
         states += weight_bytes * p / shard
     per_token_layer = 2 * (16 * facts.hidden + 6 * facts.kv_dim + 4 * facts.intermediate)
+    per_token_layer += 6 * facts.heads * eager_length
     if checkpointing:
         activations = tokens * (facts.layers * 4 * facts.hidden + per_token_layer)
     else:
@@ -280,6 +284,7 @@ def plan(
             lora=lora,
             reference=reference,
             checkpointing=checkpointing,
+            eager_length=seq if attn == "eager" else 0,
         )
 
     can_estimate = gpu and facts is not None and hw.memory_gib > 0

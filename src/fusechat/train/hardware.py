@@ -71,6 +71,7 @@ class ModelFacts:
     softcapping: bool = False  # attention-logit softcapping (Gemma-2): sdpa would silently drop it
     supports_flash: bool = True
     supports_sdpa: bool = True
+    heads: int = 32  # attention heads: eager attention keeps heads x length scores per token
 
 
 def model_facts(path: str) -> ModelFacts | None:
@@ -100,6 +101,7 @@ def model_facts(path: str) -> ModelFacts | None:
         softcapping=getattr(text, "attn_logit_softcapping", None) is not None,
         supports_flash=bool(getattr(model, "_supports_flash_attn", False)),
         supports_sdpa=bool(getattr(model, "_supports_sdpa", False)),
+        heads=heads,
     )
 
 
