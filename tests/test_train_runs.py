@@ -103,7 +103,7 @@ def test_global_batch_128_on_two_cpu_processes_equals_one(tmp_path, tiny_llama):
     cfg_path = make_run(tmp_path, tiny_llama, n=256, sft=sft)
     proc = subprocess.run(
         [sys.executable, "-m", "fusechat.cli", "sft", "-c", str(cfg_path), "--set", "sft.num_processes=2"],
-        env=ENV,
+        env={**ENV, "CUDA_VISIBLE_DEVICES": ""},  # two CPU processes, also on a one-GPU machine
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -216,7 +216,9 @@ def test_precomputed_ref_logps_are_reused_by_a_beta_sweep(tmp_path, tiny_llama):
     from fusechat.train.dpo import run_dpo
     from fusechat.train.sft import run_sft
 
-    cfg_path = make_run(tmp_path, tiny_llama, dpo={"precompute_ref_log_probs": True, "max_steps": 3})
+    # on CPU everywhere (fp32): the losses with stored and with recomputed reference log-probs compare exactly
+    dpo = {"precompute_ref_log_probs": True, "max_steps": 3, "use_cpu": True}
+    cfg_path = make_run(tmp_path, tiny_llama, sft={"use_cpu": True}, dpo=dpo)
     cfg = load_config(cfg_path)
     store = RunStore(cfg.run_dir)
     run_sft(cfg, store, log=lambda m: None)
