@@ -7,6 +7,10 @@
 # filesystem (so all nodes agree on one partial version directory), then relaunches itself under
 # `accelerate launch` with this node's rank, taken from FUSECHAT_ACCELERATE_ARGS. Machine rank 0 commits the
 # version when training ends; a re-submitted job resumes from the last checkpoint in the partial version.
+#
+# Any number of nodes trains with the recipe's `global_batch_size` (128): fusechat derives per-device batch x
+# gradient accumulation for nodes x GPUS_PER_NODE processes (2 nodes: 16 processes x 8 examples each, e.g. 2 x 4),
+# and stops with a one-line error before training when the global batch does not split over them (3 nodes: 24).
 #SBATCH --job-name=fusechat-train
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -20,7 +24,7 @@ CONFIG=${1:?usage: slurm_train.sh CONFIG sft|dpo [fusechat options...]}
 STAGE=${2:-sft}
 shift 2 || true
 
-GPUS_PER_NODE=8
+GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export NCCL_ASYNC_ERROR_HANDLING=1
 

@@ -14,6 +14,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Hardware markers (pyproject.toml): `gpu` tests skip without a CUDA GPU, `cpu_only` tests skip with one."""
+    marked = [i for i in items if i.get_closest_marker("gpu") or i.get_closest_marker("cpu_only")]
+    if not marked:
+        return
+    import torch
+
+    gpu = torch.cuda.is_available()
+    for item in marked:
+        if item.get_closest_marker("gpu") and not gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if item.get_closest_marker("cpu_only") and gpu:
+            item.add_marker(pytest.mark.skip(reason="asserts CPU-only behaviour; a CUDA GPU is visible"))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")

@@ -166,6 +166,7 @@ def margins(model_dir: Path, pairs: list[dict]) -> float:
     return sum(logp(r["prompt"], r["chosen"]) - logp(r["prompt"], r["rejected"]) for r in pairs) / len(pairs)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.slow
 def test_sft_then_dpo(tmp_path, tiny_llama):
     from transformers import AutoModelForCausalLM
@@ -323,6 +324,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_llama):
     assert not partial.exists() and not (version.path / "checkpoints").exists()
 
 
+@pytest.mark.cpu_only
 @pytest.mark.slow
 def test_two_process_cpu_sft_is_data_parallel(tmp_path, tiny_qwen2):
     from transformers import AutoModelForCausalLM
@@ -365,6 +367,7 @@ def cli(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
+@pytest.mark.cpu_only
 @pytest.mark.slow
 def test_errors_are_one_line_exit_2_before_training(tmp_path, tiny_llama):
     cfg = str(make_run(tmp_path, tiny_llama))

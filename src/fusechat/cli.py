@@ -166,7 +166,8 @@ def _show_training(version) -> None:
     if version is None:
         return
     train = version.manifest.get("train", {})
-    shown = ("world_size", "global_step", "final_loss", "mean_loss", "reward_accuracy", "reward_margin", "tokens_per_s")
+    shown = ("world_size", "effective_batch", "global_step", "final_loss", "mean_loss", "reward_accuracy")
+    shown += ("reward_margin", "tokens_per_s")
     console.print(
         "  "
         + ", ".join(
@@ -176,6 +177,9 @@ def _show_training(version) -> None:
         )
     )
     console.print(f"  model: {version.path / 'model'}")
+    kept = version.manifest.get("checkpoints")
+    if kept:
+        console.print(f"  checkpoints: {', '.join(kept)} (fusechat eval --model {version.ref}@{kept[-1]})")
 
 
 @app.command()
@@ -276,7 +280,8 @@ def eval_(
         typer.Option(
             "--model",
             help="dpo, sft, target, a source name, or a model "
-            "directory. Default: the latest dpo model, else sft, else target.",
+            "directory; dpo/v003 or dpo/v003@step-200 for a version or one of its checkpoints. "
+            "Default: the latest dpo model, else sft, else target.",
         ),
     ] = None,
     input_: InputOpt = None,

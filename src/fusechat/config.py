@@ -178,6 +178,10 @@ class TrainConfig(BaseModel):
     num_processes: int = Field(default=1, ge=1)
     accelerate_config: str | None = None  # a file, or a name shipped with fusechat: ddp, zero3, fsdp
     model: str | None = None  # dpo: start from this instead of the latest sft version
+    # Examples per optimizer step over all processes; per-device batch x accumulation are derived for the world size
+    global_batch_size: int | None = Field(default=None, ge=1)
+    # Keep every `save_steps` checkpoint's model in the version (checkpoints/step-N); default: dpo yes, sft no
+    keep_checkpoints: bool | None = None
 
     def trl_args(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

@@ -37,6 +37,11 @@ def resolve_model(
     """(label, how to run it, input versions). Default: the latest dpo model, else sft, else the target."""
     if model is None:
         model = next((s for s in ("dpo", "sft") if s in pinned or store.latest(s) is not None), "target")
+    from fusechat.train.checkpoints import resolve_model_ref
+
+    if found := resolve_model_ref(store, model):  # dpo/v003, dpo/v003@step-200, sft@step-500
+        label, path, version = found
+        return label, _greedy(cfg, str(path)), {version.stage: version}
     if model in ("dpo", "sft"):
         version = store.resolve(model, pinned.get(model))
         return f"{model}/{version.name}", _greedy(cfg, str(version.path / "model")), {model: version}

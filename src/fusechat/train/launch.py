@@ -9,6 +9,7 @@ Multi-node: every node runs the same `fusechat sft` command with its own launch 
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -17,6 +18,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from fusechat.errors import UserError
+from fusechat.train.defaults import Strategy
 from fusechat.train.hardware import Hardware
 
 SHIPPED = ("ddp", "zero3", "fsdp")
@@ -32,6 +34,45 @@ def resolve_config(value: str | None, where: str) -> Path | None:
     if value in SHIPPED:
         return Path(str(files("fusechat") / "accelerate_configs" / f"{value}.yaml"))
     raise UserError(f"{where}: {value!r} is neither a file nor one of the shipped configs ({', '.join(SHIPPED)})")
+
+
+def _read_yaml(config: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{config}: cannot read the accelerate config ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def strategy(config: Path | None) -> Strategy:
+    """How an accelerate config shares the model: DDP, DeepSpeed (with its ZeRO stage) or FSDP; for the defaults."""
+    if config is None:
+        return Strategy()
+    data = _read_yaml(config)
+    kind = str(data.get("distributed_type", "")).upper()
+    mixed = str(data.get("mixed_precision", "no"))
+    if kind == "DEEPSPEED":
+        ds = data.get("deepspeed_config") or {}
+        stage = ds.get("zero_stage")
+        if stage is None and ds.get("deepspeed_config_file"):
+            try:
+                stage = json.loads(Path(ds["deepspeed_config_file"]).read_text())["zero_optimization"]["stage"]
+            except (OSError, ValueError, KeyError, TypeError):
+                stage = None
+        return Strategy("deepspeed", int(stage) if str(stage).isdigit() else 0, mixed)
+    if kind == "FSDP":
+        return Strategy("fsdp", 0, mixed)
+    return Strategy("ddp", 0, mixed)
+
+
+def world_size(num_processes: int, config: Path | None) -> int:
+    """The number of training processes `command` starts: `num_processes`, or the config file's when fusechat
+    passes none (a file and num_processes 1)."""
+    if num_processes > 1 or config is None:
+        return num_processes
+    return int(_read_yaml(config).get("num_processes") or 1)
 
 
 def needs_launch(num_processes: int, config: Path | None) -> bool:

@@ -55,7 +55,19 @@ def make_trainer(job: dict[str, Any], data, tok, callbacks: list):
         processing_class=tok,
         peft_config=peft_config(job["lora"]),
         callbacks=callbacks,
+        data_collator=padding_free_collator(tok) if job.get("padding_free") else None,
     )
+
+
+def padding_free_collator(tok):
+    """TRL's collator in padding-free mode: a batch is one flattened row with position ids and sequence boundaries
+    (flash-attn 2 attends within each sequence). Passed as the collator rather than TRL's `padding_free=True`, so
+    that TRL still truncates rows to `max_length` (its padding-free mode refuses a max_length without packing)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
 
 
 def run_sft(

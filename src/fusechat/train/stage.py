@@ -1,6 +1,8 @@
 """The shell both training stages share: check everything a user can get wrong (data, tokenizer, hardware, TRL
-arguments) before a model loads, fingerprint the effective config, then train in the resumable partial version
-(in this process, or under `accelerate launch`) and commit `model/` with the run's numbers in the manifest."""
+arguments, the global batch) before a model loads, plan the hardware defaults (`train.defaults`), fingerprint the
+effective config, then train in the resumable partial version (in this process, or under `accelerate launch`) and
+commit `model/` (plus the kept `checkpoints/step-N` and stored reference log-probs) with the run's numbers and the
+reasons of the defaults in the manifest."""
 
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ from typing import Any
 from fusechat.config import FusechatConfig
 from fusechat.errors import UserError
 from fusechat.store import RunStore, StageResult, Version, model_identity, run_stage, write_json_atomic
-from fusechat.train import hardware, launch
+from fusechat.train import checkpoints, defaults, hardware, launch, ref_logps
 
-# Names in the partial version that exist only while training; `model/` and `log_history.json` stay.
-SCRATCH = ("checkpoints", "job.json", "result.json")
+# Files in the partial version that exist only while training; `model/`, `log_history.json`, the kept
+# `checkpoints/step-N` and `ref_logps.parquet` stay.
+SCRATCH = ("job.json", "result.json")
 
 
 def data_files(version: Version, split: str, columns: tuple[str, ...]) -> list[str]:
@@ -87,18 +90,44 @@ def train_stage(
     template = chat_template(cfg)
     where = "target.path" if kind == "sft" else f"{inputs['sft'].ref}/model" if "sft" in inputs else "dpo.model"
     check_tokenizer(model, template, where)
-    hw = hardware.detect()
-    trl_args = hardware.effective_args(kind, section.trl_args(), hw, section.num_processes, cfg.seed)
+    user = section.trl_args()
+    hw = hardware.detect(force_cpu=bool(user.get("use_cpu")))
     accelerate_config = launch.resolve_config(section.accelerate_config, f"{kind}.accelerate_config")
+    plan = defaults.plan(
+        kind,
+        user,
+        hw,
+        world_size=launch.world_size(section.num_processes, accelerate_config),
+        seed=cfg.seed,
+        facts=hardware.model_facts(model),
+        strategy=launch.strategy(accelerate_config),
+        lora=section.lora is not None,
+        global_batch=section.global_batch_size,
+    )
+    trl_args = plan.trl
     check_trl_args(kind, trl_args)
+    keep = section.keep_checkpoints if section.keep_checkpoints is not None else kind == "dpo"
+    model_id = "sft" if "sft" in inputs else model_identity(model)  # a rebuilt target dir is a new input
     config = {
-        "model": "sft" if "sft" in inputs else model_identity(model),  # a rebuilt target dir is a new input
+        "model": model_id,
         "chat_template": template,
         "trl": trl_args,
         "lora": section.lora.model_dump() if section.lora else None,
         "num_processes": section.num_processes,
         "accelerate_config": section.accelerate_config,
+        "global_batch_size": section.global_batch_size,
+        "padding_free": plan.padding_free,
+        "keep_checkpoints": keep,
     }
+    log(f"{kind} defaults: " + ", ".join(f"{k}={d['value']}" for k, d in plan.decisions.items()))
+    if hw.device == "cuda":
+        for key in ("use_liger_kernel", "gradient_checkpointing"):
+            log(f"  {key}: {plan.decisions[key]['reason']}")
+    ref_key, reuse = None, None
+    if kind == "dpo" and trl_args.get("precompute_ref_log_probs"):
+        reference = inputs["sft"].fingerprint if "sft" in inputs else model_id
+        ref_key = ref_logps.cache_key(reference, inputs["datasets"].fingerprint, trl_args, template)
+        reuse = ref_logps.find(store, ref_key)
 
     def body(partial: Path) -> StageResult:
         job = {
@@ -109,10 +138,16 @@ def train_stage(
             "data_files": files,
             "trl": trl_args,
             "lora": config["lora"],
+            "padding_free": plan.padding_free,
+            "keep_checkpoints": keep,
             "output_dir": str(partial / "checkpoints"),
             "model_dir": str(partial / "model"),
             "result": str(partial / "result.json"),
         }
+        if ref_key is not None:
+            # this partial's own file first (a resumed run), then the newest version with the same key
+            candidates = [partial / ref_logps.FILE] + ([reuse.path / ref_logps.FILE] if reuse else [])
+            job["ref_logps"] = {"path": str(partial / ref_logps.FILE), "reuse": [str(p) for p in candidates]}
         if launch.needs_launch(section.num_processes, accelerate_config):
             write_json_atomic(partial / "job.json", job)
             launch.run(partial / "job.json", section.num_processes, accelerate_config, hw, log=log)
@@ -124,16 +159,35 @@ def train_stage(
             from fusechat.train.worker import run_job
 
             result = run_job(job, callbacks)
+        steps = checkpoints.finish(partial / "checkpoints", keep)
         for name in SCRATCH:
-            path = partial / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            (partial / name).unlink(missing_ok=True)
+        extra: dict[str, Any] = {"train": result, "hardware": hw.as_dict(), "defaults": plan.decisions}
+        if steps:
+            extra["checkpoints"] = [f"step-{s}" for s in steps]
+        if ref_key is not None:
+            reused = reuse is not None and result.get("ref_logps_source") == str(reuse.path / ref_logps.FILE)
+            extra["ref_logps"] = {"key": ref_key, "source": reuse.ref if reused else "computed"}
+            if reused:  # the version holds its own copy (a hard link: no extra space)
+                _link(reuse.path / ref_logps.FILE, partial / ref_logps.FILE)
+            log(f"reference log-probs: {f'reused from {reuse.ref}' if reused else 'computed'}")
         return StageResult(
             counts={"rows": sum(_num_rows(f) for f in files), "steps": result["global_step"]},
             timings={"train_s": result["train_runtime_s"]},
-            extra={"train": result, "hardware": hw.as_dict()},
+            extra=extra,
         )
 
     return run_stage(store, kind, config, inputs, body, force=force, resumable=True, log=log)
+
+
+def _link(src: Path, dst: Path) -> None:
+    import os
+
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _num_rows(path: str) -> int:

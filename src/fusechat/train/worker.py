@@ -49,7 +49,12 @@ def run_job(job: dict[str, Any], callbacks: list | tuple = ()) -> dict[str, Any]
     recipe = {"sft": sft, "dpo": dpo}[job["kind"]]
     tok = load_target_tokenizer(job["tokenizer"], job.get("chat_template"))
     rows = load_dataset("parquet", data_files=job["data_files"], split="train")
-    trainer = recipe.make_trainer(job, recipe.prepare(rows), tok, list(callbacks))
+    callbacks = list(callbacks)
+    if job.get("keep_checkpoints"):
+        from fusechat.train.checkpoints import keep_callback
+
+        callbacks.append(keep_callback(Path(job["output_dir"])))
+    trainer = recipe.make_trainer(job, recipe.prepare(rows), tok, callbacks)
 
     checkpoint, resumed_step = last_checkpoint(job["output_dir"])
     started = time.time()
@@ -58,6 +63,7 @@ def run_job(job: dict[str, Any], callbacks: list | tuple = ()) -> dict[str, Any]
     save_model(trainer, tok, job)
 
     result = summarize(trainer, out.metrics, resumed_step, wall)
+    result.update(settings(trainer, job))
     if trainer.is_world_process_zero():
         write_json_atomic(Path(job["result"]), result)
         write_json_atomic(Path(job["result"]).with_name("log_history.json"), trainer.state.log_history)
@@ -104,6 +110,26 @@ def summarize(trainer, metrics: dict[str, Any], resumed_step: int, wall: float) 
         if key in last:
             result[name] = last[key]
     return result
+
+
+def settings(trainer, job: dict[str, Any]) -> dict[str, Any]:
+    """What the trainer actually ran with (after TRL and transformers had their say), for the manifest."""
+    args = trainer.args
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    out = {
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "effective_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "use_liger_kernel": bool(args.use_liger_kernel),
+        "padding_free": bool(job.get("padding_free")),
+    }
+    source = getattr(trainer, "ref_logps_source", None)
+    if source is not None:
+        out["ref_logps_source"] = source
+    return out
 
 
 def _end_process_group() -> None:
