@@ -375,9 +375,14 @@ def score_chunks(
     else:
         from fusechat.score.workers import run_workers
 
-        threads = max(1, (os.cpu_count() or 1) // len(devices))
+        k = len(devices)
+        # the verifiers' process counts and the CPU threads are the machine's: each worker gets its share
+        share = cfg.model_copy(deep=True)
+        share.score.math.workers = max(1, cfg.score.math.workers // k)
+        share.score.code.workers = max(1, cfg.score.code.workers // k)
+        threads = max(1, (os.cpu_count() or 1) // k)
         jobs = [
-            (cfg, chunks.root, samples, prompts, ranges, todo[w :: len(devices)], device, threads)
+            (share, chunks.root, samples, prompts, ranges, todo[w::k], device, threads)
             for w, device in enumerate(devices)
         ]
         run_workers(
@@ -404,6 +409,10 @@ def score_chunk_list(
     finished: Callable[[int], None],
 ) -> None:
     """Score the chunks numbered `todo`, each written as soon as it is done."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(device)  # nothing of this process lands on another job's GPU 0
     live = LiveScorers(cfg.score, device, log)
     try:
         for i in todo:
