@@ -283,11 +283,12 @@ class RewardModel:
         ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         out = Encoded([], [], [], errors)
         for i, (c, s) in enumerate(zip(conversations, ids, strict=True)):
+            prompt = self._prompt_tokens(c, i, errors) if i not in errors and len(s) > self.max_length else 0
             if i in errors:
                 seq, verdict, n = [], "error", None
             elif len(s) <= self.max_length:
                 seq, verdict, n = s, "ok", len(s)
-            elif self._prompt_tokens(c) >= self.max_length:
+            elif prompt >= self.max_length:
                 seq, verdict, n = [], "prompt_too_long", len(s)
             else:
                 seq, verdict, n = s[: self.max_length], "truncated", len(s)
@@ -296,9 +297,13 @@ class RewardModel:
             out.lengths.append(n)
         return out
 
-    def _prompt_tokens(self, conv: list[dict[str, str]]) -> int:
+    def _prompt_tokens(self, conv: list[dict[str, str]], i: int, errors: dict[int, str]) -> int:
         """Tokens of everything before the response: the prompt turns and the assistant header."""
-        text = self.tokenizer.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True)
+        try:
+            text = self.tokenizer.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template that wants the conversation to end with an assistant turn
+            errors[i] = f"chat template (prompt alone): {first_line(e)}"
+            return 0
         return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def forward(self, seqs: Sequence[Sequence[int]]) -> list[float]:
