@@ -176,3 +176,14 @@ def test_custom_head_with_score_field(tiny_reward, tmp_path):
     plain = RewardModel(RewardModelConfig(path=str(tiny_reward), dtype="float32"))
     got, base = custom.score(convs, batch_size=4).rewards, plain.score(convs, batch_size=1).rewards
     assert got == pytest.approx([2 * b for b in base], abs=1e-4)  # mean of 1x, 2x, 3x
+
+
+def test_float32_head_of_a_bf16_classifier(tiny_reward):
+    convs = _conversations(8)
+    exact = RewardModel(RewardModelConfig(path=str(tiny_reward), dtype="float32")).score(convs).rewards
+    bf16 = RewardModel(RewardModelConfig(path=str(tiny_reward), dtype="bfloat16"))
+    assert bf16.model.score.weight.dtype == torch.float32 and bf16.model.model.norm.weight.dtype == torch.bfloat16
+    got = bf16.score(convs).rewards
+    assert max(abs(a - b) for a, b in zip(got, exact, strict=True)) < 0.05
+    published = RewardModel(RewardModelConfig(path=str(tiny_reward), dtype="bfloat16", head_dtype="model"))
+    assert published.model.score.weight.dtype == torch.bfloat16
