@@ -65,6 +65,18 @@ def test_sft_takes_the_global_best_and_ignores_nan_null_truncated_empty():
     assert picks(kept.sft, "source", "sample_index") == [("m3", 0)]
 
 
+def test_a_response_the_reward_model_saw_in_part_is_not_a_candidate():
+    p = prompts(("a", "chat", "sft"), ("b", "chat", "dpo"))
+    c = cands(("a", "m1", 0, 0.9), ("a", "m1", 1, 0.3), ("b", "m1", 0, 0.5), ("b", "m1", 1, 0.45), ("b", "m1", 2, 0.2))
+    c = c.append_column("reward_truncated", pa.array([True, False, False, False, True]))
+    sel = select(p, c, RULES, seed=1)
+    assert picks(sel.sft, "sample_index", "reward") == [(1, 0.3)]  # not the cut 0.9
+    assert picks(sel.dpo, "chosen_index", "rejected_index") == [(0, 1)]  # not the cut 0.2 as rejected
+    assert sel.excluded == {"reward_truncated": 2}
+    # even when drop_truncated (responses cut by max_tokens) is off: the reward belongs to another text
+    assert select(p, c, BuildConfig(max_length=None, drop_truncated=False), seed=1).excluded == {"reward_truncated": 2}
+
+
 def test_math_sft_only_among_correct_and_all_incorrect_dropped():
     p = prompts(("a", "math", "sft"), ("b", "math", "sft"), ("c", "math", "sft"))
     c = cands(

@@ -37,7 +37,8 @@ def test_recipes_carry_the_paper_values():
             assert (dpo["loss_type"], dpo["beta"]) == ("sigmoid", 0.01)
         assert cfg.build.margin == (0.01, 0.1)
         assert cfg.score.reward_model.path == "RLHFlow/ArmoRM-Llama3-8B-v0.1"
-        assert cfg.score.reward_model.trust_remote_code is True
+        assert cfg.score.reward_model.trust_remote_code is False  # loaded natively (fusechat.score.armorm)
+        assert cfg.score.reward_model.max_length == 8192
         assert cfg.sft.trl_args()["num_train_epochs"] == 3
         by_name = {s.name: s for s in cfg.sources}
         assert by_name["gemma-2-27b-it"].k_for("instruction") == 5

@@ -122,6 +122,7 @@ def test_score_rows_routes_and_combines():
             [float(len(c[-1]["content"])) for c in convs],
             [c[-1]["content"] == "hello" for c in convs],
             [5] * len(convs),
+            ["truncated" if c[-1]["content"] == "hello" else "ok" for c in convs],
         )
 
     scorers = Scorers(
@@ -141,6 +142,45 @@ def test_score_rows_routes_and_combines():
     assert [r["reward"] for r in out] == [5.0, 9.0, 9.0, 9.0, None]
     assert calls["reward"] == 4 and set(timings) == {"reward", "math", "code"}
     assert timings["math"]["responses"] == 2  # the prompt without a reference is not sent to the verifier
+
+
+def test_a_row_that_raises_fails_alone():
+    score = ScoreConfig(routes={"math": ["reward", "math"], "code": ["code"]})
+    logs = []
+
+    def reward(convs):  # raises for one response, whatever else is in the call
+        if any(c[-1]["content"] == "\\boxed{3}" for c in convs):
+            raise ValueError("cannot score this one")
+        return [1.0] * len(convs), [False] * len(convs), [5] * len(convs), ["ok"] * len(convs)
+
+    def math(items):
+        if len(items) > 1:
+            raise RuntimeError("pool broke")
+        return ["correct" if t == "\\boxed{2}" else "wrong" for t, _ in items]
+
+    out, _ = score_rows(
+        _rows(), score, Scorers(reward=reward, math=math, code=lambda i: ["pass"] * len(i)), logs.append
+    )
+    assert [r["verdict"] for r in out] == [
+        "reward:ok",
+        "reward:ok,math:correct",
+        "reward:error,math:wrong",
+        "reward:error,math:no_reference",
+        "code:pass",
+    ]
+    assert [r["reward"] for r in out] == [1.0, 1.0, None, None, None]
+    assert logs == [
+        "reward: row (prompt_id=b, source=s, sample_index=1) failed alone, verdict reward:error: "
+        "ValueError: cannot score this one",
+        "reward: row (prompt_id=c, source=s, sample_index=0) failed alone, verdict reward:error: "
+        "ValueError: cannot score this one",
+    ]
+
+    def broken(items):
+        raise RuntimeError("no model")
+
+    with pytest.raises(RuntimeError, match="no model"):  # every row fails: the scorer is broken, not a row
+        score_rows(_rows(), score, Scorers(reward=broken, math=math, code=lambda i: ["pass"] * len(i)))
 
 
 def test_combine():

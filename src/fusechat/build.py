@@ -352,9 +352,10 @@ def read_candidates(
     done = 0
     for file_no, f in enumerate(c_files):
         row_no = 0
-        for batch in pq.ParquetFile(f).iter_batches(
-            batch_size=READ_BATCH, columns=["prompt_id", "source", "sample_index", "reward", "correct"]
-        ):
+        # `truncated`: the reward model saw only part of the response (absent from hand-made scores)
+        has_flag = "truncated" in pq.read_schema(f).names
+        columns = ["prompt_id", "source", "sample_index", "reward", "correct"] + (["truncated"] if has_flag else [])
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH, columns=columns):
             p, s, idx = _key_columns(batch, prompt_ids, sources, f, inputs["prompts"], add_sources=False, row0=row_no)
             reward = batch.column("reward").cast(pa.float64())
             correct = batch.column("correct").cast(pa.bool_())
@@ -365,6 +366,9 @@ def read_candidates(
             parts["reward_null"].append(_bool(reward.is_null()))
             parts["correct"].append(
                 np.where(_bool(correct.is_null()), -1, _bool(correct.fill_null(False))).astype(np.int8)
+            )
+            parts["reward_truncated"].append(
+                _bool(batch.column("truncated")) if has_flag else np.zeros(batch.num_rows, dtype=bool)
             )
             parts["file_no"].append(np.full(batch.num_rows, file_no, dtype=np.int32))
             parts["row_no"].append(np.arange(row_no, row_no + batch.num_rows, dtype=np.int64))
@@ -419,6 +423,8 @@ def read_candidates(
     reward_null[target] = sc["reward_null"]
     correct = np.full(n, -1, dtype=np.int8)
     correct[target] = sc["correct"]
+    reward_truncated = np.zeros(n, dtype=bool)
+    reward_truncated[target] = sc["reward_truncated"]
 
     source_names = pa.array(sorted(sources, key=sources.get), pa.string())
     table = pa.table(
@@ -430,6 +436,7 @@ def read_candidates(
             "correct": pa.array(correct == 1, pa.bool_(), mask=correct < 0),
             "truncated": pa.array(sp["truncated"], pa.bool_()),
             "empty": pa.array(sp["empty"] if need_empty else np.zeros(n, dtype=bool), pa.bool_()),
+            "reward_truncated": pa.array(reward_truncated, pa.bool_()),
         }
     )
     return table, {"files": s_files, "file_no": sp["file_no"], "row_no": sp["row_no"]}

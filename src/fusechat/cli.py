@@ -232,7 +232,8 @@ def score(
     force: ForceOpt = False,
 ) -> None:
     """Reward every sample and verify math answers and code (sandboxed), per domain route, in resumable chunks.
-    Jobs with --shard fill one version together; it completes when every chunk exists."""
+    Jobs with --shard fill one version together; it completes when every chunk exists. Scores on every GPU the job
+    is given (one process each); --shard jobs started by hand on one machine split its GPUs."""
     from fusechat.score.stage import run_score
     from fusechat.shards import ShardSpec
 

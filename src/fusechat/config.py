@@ -113,13 +113,16 @@ class SourceModel(Section):
 # --------------------------------------------------------------------------------------------- score
 class RewardModelConfig(Section):
     path: str
-    trust_remote_code: bool = False
-    batch_size: int = Field(default=16, ge=1)
-    max_length: int = Field(default=4096, ge=8)
+    trust_remote_code: bool = False  # not needed for the ArmoRM layout, which fusechat loads natively
+    batch_tokens: int = Field(default=65536, ge=1)  # padded tokens per forward pass (halved on out-of-memory)
+    batch_size: int = Field(default=256, ge=1)  # most rows per forward pass
+    max_length: int = Field(default=4096, ge=8)  # longer conversations lose the response's tail, never the prompt
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    head_dtype: Literal["float32", "model"] = "float32"  # the reward head; model: the backbone's dtype
     chat_template: str | None = None
-    # right: pads after the text, which every pooling rule handles (ArmoRM's custom head needs it)
+    # right: pads after the text, which every pooling rule handles (a remote-code head may need it)
     padding_side: Literal["right", "left"] = "right"
+    workers: int | None = Field(default=None, ge=1)  # scoring processes on this machine; default one per GPU
 
 
 class MathVerifierConfig(Section):

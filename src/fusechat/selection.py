@@ -5,8 +5,9 @@ and two flags) and returns which rows become SFT rows and DPO pairs, with a coun
 Everything is numpy over integer codes, so 3.2M responses take seconds.
 
 Rules, per response:
-- *usable*: the reward is a number (null and NaN are not), not cut by max_tokens (`drop_truncated`), not empty
-  (`drop_empty`). Unusable responses are neither chosen nor rejected.
+- *usable*: the reward is a number (null and NaN are not), not cut by max_tokens (`drop_truncated`), scored whole
+  by the reward model (`reward_truncated`: it saw only the start), not empty (`drop_empty`). Unusable responses are
+  neither chosen nor rejected.
 - a domain is *verified* when `build.verified_domains` lists it, or when any of its responses has a non-null
   `correct`. In a verified domain a response may be chosen only when `correct` is true and rejected only when
   it is false; a null verdict there makes it neither (counted as `unverified`). In other domains every usable
@@ -36,6 +37,7 @@ from fusechat.config import BuildConfig
 
 # Columns `select` needs. prompts: prompt_id, domain, split. candidates: one row per scored response.
 CANDIDATE_COLUMNS = ("prompt_id", "source", "sample_index", "reward", "correct", "truncated", "empty")
+# optional: "reward_truncated" (absent: none)
 SFT_COLUMNS = ("row", "prompt_id", "domain", "source", "sample_index", "reward")
 BAND_SLACK = 1e-9
 DPO_COLUMNS = (
@@ -87,6 +89,7 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
     correct = correct_col.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
     truncated = _flag(candidates, "truncated")
     empty = _flag(candidates, "empty")
+    reward_truncated = _flag(candidates, "reward_truncated")
 
     # Which domains gate acceptance on `correct`.
     verified = {dom: kind for dom, kind in rules.verified_domains.items()}
@@ -101,6 +104,7 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
         ("null_reward", reward_null),
         ("nan_reward", np.isnan(reward) & ~reward_null),
         ("truncated", truncated if rules.drop_truncated else np.zeros_like(truncated)),
+        ("reward_truncated", reward_truncated),
         ("empty", empty if rules.drop_empty else np.zeros_like(empty)),
         ("unverified", row_verified & ~correct_known),
     )
@@ -267,6 +271,8 @@ def dictionary_codes(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa
 
 
 def _flag(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.zeros(table.num_rows, dtype=bool)
     return table.column(name).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
 
 

@@ -8,6 +8,7 @@ Assistant content is wrapped in `{% generation %}` so assistant masks work.
 
 from __future__ import annotations
 
+import json
 import string
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -177,3 +178,80 @@ def make_tiny(
     tok = build_tokenizer(spec.chat, spec.tokenizer, corpus)
     model = build_model(spec, tok, reward=reward)
     return save_tiny(model, tok, out)
+
+
+# The published checkpoint's remote code, reduced to the import that fails on transformers 5 (so that nothing can
+# run it by accident, exactly as with the real file); fusechat loads this layout natively.
+ARMORM_REMOTE_CODE = '''"""Stand-in for modeling_custom.py of RLHFlow/ArmoRM-Llama3-8B-v0.1 (fusechat's tiny ArmoRM layout)."""
+from transformers.models.llama.modeling_llama import LLAMA_INPUTS_DOCSTRING  # noqa: F401  (gone in transformers 5)
+from transformers.utils import add_start_docstrings_to_model_forward  # noqa: F401
+'''
+
+
+def make_tiny_armorm(
+    out: str | Path,
+    spec: TinySpec = TinySpec(arch="llama", chat="llama3", seed=7),
+    *,
+    num_objectives: int = 19,
+    gating_hidden_dim: int = 32,
+    gating_n_hidden: int = 3,
+    gating_temperature: float = 10.0,
+    corpus: Iterable[str] | None = None,
+) -> Path:
+    """A random tiny reward model with the layout of `RLHFlow/ArmoRM-Llama3-8B-v0.1`: config.json with
+    `model_type: llama`, `architectures: [LlamaForRewardModelWithGating]`, an `auto_map` to remote code and the
+    gating keys; safetensors with a bf16 backbone (`model.*`) and a float32 head (`regression_layer`, `gating.*`,
+    `reward_transform_matrix`); a Llama-3-like tokenizer (`<|eot_id|>`, `<|start_header_id|>`, ...); and a
+    `modeling_custom.py` that, like the real one, does not import on transformers 5. The head is drawn wide enough
+    that the gate is far from uniform and every term of the score matters."""
+    import torch
+    from transformers import LlamaConfig
+
+    from fusechat.score.armorm import ARCHITECTURE, LlamaForRewardModelWithGating
+
+    if spec.chat != "llama3":
+        raise ValueError("ArmoRM gates on the Llama-3 assistant header: use chat='llama3'")
+    tok = build_tokenizer(spec.chat, spec.tokenizer, corpus)
+    torch.manual_seed(spec.seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.ffn,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        num_labels=1,
+    )
+    config.update(
+        {
+            "num_objectives": num_objectives,
+            "gating_temperature": gating_temperature,
+            "gating_hidden_dim": gating_hidden_dim,
+            "gating_n_hidden": gating_n_hidden,
+            "architectures": [ARCHITECTURE],
+            "auto_map": {"AutoModelForSequenceClassification": f"modeling_custom.{ARCHITECTURE}"},
+        }
+    )
+    model = LlamaForRewardModelWithGating(config)
+    with torch.no_grad():
+        for layer in model.gating.layers:
+            layer.weight.normal_(0.0, 1.5 / layer.in_features**0.5)
+            layer.bias.normal_(0.0, 0.5)
+        model.gating.layers[-1].weight.mul_(gating_temperature)
+        model.gating.logit_scale.fill_(1.3)
+        model.regression_layer.weight.normal_(0.0, 0.05)
+        model.reward_transform_matrix.add_(0.1 * torch.randn(num_objectives, num_objectives))
+    model.model.to(torch.bfloat16)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**saved, "dtype": "bfloat16"}, indent=2, sort_keys=True) + "\n")
+    (out / "modeling_custom.py").write_text(ARMORM_REMOTE_CODE)
+    return out

@@ -1,13 +1,24 @@
-"""The reward model: score (prompt messages + response) with a one-output sequence classifier, in batches.
+"""The reward model: score (prompt messages + response) with a reward head, in batches.
 
-Any `AutoModelForSequenceClassification` with one output, or a custom head returning `.score` (ArmoRM; needs
-`trust_remote_code: true`). Each conversation is rendered with the reward model's own chat template (or the
+Three kinds: any `AutoModelForSequenceClassification` with one output (e.g. Skywork-Reward); the ArmoRM layout
+(`LlamaForRewardModelWithGating`), loaded natively by `fusechat.score.armorm` whatever `trust_remote_code` says
+(its own remote code does not import on transformers 5); or another custom head returning `.score`
+(`trust_remote_code: true`). Each conversation is rendered with the reward model's own chat template (or the
 config's override) and tokenised without special tokens: the template writes BOS itself, so no second BOS.
 
-Batching must not change a score. Sequences are grouped by length and padded on an explicit side; position ids
-come from the attention mask, so left padding shifts nothing; the model pools on the last non-pad token (found
-through `pad_token_id`), so a sequence that contains the pad id itself is scored alone, unpadded. Sequences
-over `max_length` are cut and flagged. On out-of-memory the batch is halved and retried.
+Truncation keeps the prompt: a conversation over `max_length` loses the tail of its response, never the prompt or
+the assistant header; one whose prompt and header alone leave no room for the response is not scored (verdict
+`prompt_too_long`).
+
+Batching must not change a score. Sequences are sorted by length and packed, longest first, into batches of at most
+`batch_tokens` padded tokens (and `batch_size` rows), padded on an explicit side; position ids come from the
+attention mask, so left padding shifts nothing. A classifier that pools on the last non-pad token (found through
+`pad_token_id`) scores a sequence containing the pad id alone, unpadded; ArmoRM pools through the attention mask.
+On out-of-memory the token budget is halved and the batch retried. A batch that raises anything else is retried one
+row at a time, and a row that still raises gets a verdict (`error`, `out_of_memory`) instead of failing its chunk,
+unless no row of the call could be scored at all: that is a broken model or device, not a row, and it raises.
+The head (the last linear layer, or ArmoRM's regression, gating and transform) runs in float32 unless
+`head_dtype: model`: in bf16 a reward of 8 is rounded to a multiple of 1/16.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import hashlib
 import inspect
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +39,25 @@ KEY = "score.reward_model"
 
 
 # --------------------------------------------------------------------------------------------- pure core
-def length_batches(lengths: Sequence[int], batch_size: int, alone: Sequence[bool] = ()) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first (an out-of-memory shows up at once).
-    Indices flagged in `alone` get a batch of their own."""
+def token_batches(
+    lengths: Sequence[int], batch_tokens: int, max_rows: int, alone: Sequence[bool] = ()
+) -> list[list[int]]:
+    """Indices sorted by length, longest first (an out-of-memory shows up at once), packed into batches of at most
+    `batch_tokens` padded tokens and `max_rows` rows; a sequence longer than the budget goes alone. Indices flagged
+    in `alone` get a batch of their own."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    singles = [[i] for i in order if alone and alone[i]]
-    rest = [i for i in order if not (alone and alone[i])]
-    return [rest[s : s + batch_size] for s in range(0, len(rest), batch_size)] + singles
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if alone and alone[i]:
+            continue
+        if current and ((len(current) + 1) * lengths[current[0]] > batch_tokens or len(current) >= max_rows):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches + [[i] for i in order if alone and alone[i]]
 
 
 def pad(
@@ -64,35 +87,46 @@ def is_out_of_memory(e: BaseException) -> bool:
 def score_batches(
     forward: Callable[[list[int]], list[float]],
     batches: list[list[int]],
-    n: int,
+    lengths: Sequence[int],
     on_batch: Callable[[int], None] | None = None,
-) -> tuple[list[float], int]:
-    """Run `forward(indices) -> scores` over the batches; on out-of-memory halve the batch, retry, and keep the
-    smaller size for the rest. Returns the scores in index order and how many times it halved."""
-    scores: list[float] = [float("nan")] * n
+) -> tuple[list[float | None], dict[int, BaseException], int]:
+    """Run `forward(indices) -> scores` over the batches. On out-of-memory halve the padded-token budget, retry,
+    and keep the smaller budget for the rest; on any other error retry the batch's rows one at a time. Returns the
+    scores in index order (None where a row failed alone), each failed row's exception, and how many times it
+    halved."""
+    scores: list[float | None] = [None] * len(lengths)
+    failures: dict[int, BaseException] = {}
     queue = deque(batches)
-    cap = max((len(b) for b in batches), default=1)
+    cap: int | None = None  # padded tokens per forward, once an out-of-memory has set one
     halvings = 0
     while queue:
         batch = queue.popleft()
-        if len(batch) > cap:
-            queue.appendleft(batch[cap:])
-            batch = batch[:cap]
+        width = max(lengths[i] for i in batch)
+        if cap is not None and len(batch) > 1 and len(batch) * width > cap:
+            keep = max(1, cap // width)
+            queue.appendleft(batch[keep:])
+            batch = batch[:keep]
         try:
             values = forward(batch)
         except Exception as e:
-            if not is_out_of_memory(e) or len(batch) == 1:
-                raise
-            _free_cache()
-            cap = len(batch) // 2
-            halvings += 1
-            queue.appendleft(batch)
-            continue
+            oom = is_out_of_memory(e)
+            if oom:
+                _free_cache()
+            if len(batch) > 1:
+                if oom:
+                    cap = len(batch) * width // 2
+                    halvings += 1
+                    queue.appendleft(batch)
+                else:  # one row may be at fault: each alone
+                    queue.extendleft([i] for i in reversed(batch))
+                continue
+            failures[batch[0]] = e
+            values = [None]
         for i, v in zip(batch, values, strict=True):
             scores[i] = v
         if on_batch:
             on_batch(len(batch))
-    return scores, halvings
+    return scores, failures, halvings
 
 
 def _free_cache() -> None:
@@ -105,8 +139,10 @@ def _free_cache() -> None:
 # --------------------------------------------------------------------------------------------- checks (no model)
 def check_reward_model(rm: RewardModelConfig) -> dict[str, Any]:
     """Fail early, before any weights load: the path exists or is a cached hub id, and the model has one
-    output (or a trusted custom head). Returns the model's config.json as a dict."""
+    output, the ArmoRM layout, or a trusted custom head. Returns the model's config.json as a dict."""
     from transformers import AutoConfig
+
+    from fusechat.score.armorm import is_armorm
 
     looks_local = rm.path.startswith((".", "/", "~")) or Path(rm.path).expanduser().exists()
     if looks_local and not Path(rm.path).expanduser().is_dir():
@@ -125,6 +161,12 @@ def check_reward_model(rm: RewardModelConfig) -> dict[str, Any]:
         raise UserError(
             f"{KEY}.path: cannot load {rm.path} (not found, or not cached while offline): {first_line(e)}"
         ) from None
+    if is_armorm(config.to_dict()):  # its auto_map points at code that cannot run here; ours replaces it
+        if config.model_type != "llama":
+            raise UserError(
+                f"{KEY}.path: {rm.path} is a LlamaForRewardModelWithGating of model_type {config.model_type}"
+            )
+        return config.to_dict()
     auto_map = getattr(config, "auto_map", None) or {}
     custom = "AutoModelForSequenceClassification" in auto_map
     if custom and not rm.trust_remote_code:
@@ -144,59 +186,125 @@ def check_reward_model(rm: RewardModelConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- the model
+SCORED = ("ok", "truncated")  # encode verdicts of rows that go to the model
+
+
+@dataclass
+class Encoded:
+    ids: list[list[int]]  # what the model sees (empty when not scored)
+    verdicts: list[str]  # ok, truncated, prompt_too_long, error (the template could not render it)
+    lengths: list[int | None]  # tokens of the whole conversation (None: not rendered)
+    errors: dict[int, str] = field(default_factory=dict)
+
+
 @dataclass
 class Scored:
-    rewards: list[float]
-    truncated: list[bool]
-    num_tokens: list[int]
+    rewards: list[float | None]
+    truncated: list[bool | None]  # the conversation exceeded max_length (the model saw part of it, or none)
+    num_tokens: list[int | None]  # tokens the model scored
+    verdicts: list[str]  # ok, truncated, prompt_too_long, error, out_of_memory
+    errors: dict[int, str] = field(default_factory=dict)  # row -> what went wrong
 
 
 class RewardModel:
-    """A loaded reward model with its tokenizer, scoring conversations in padded, length-grouped batches."""
+    """A loaded reward model with its tokenizer, scoring conversations in padded, length-sorted batches."""
 
     def __init__(self, rm: RewardModelConfig, device: str | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification
 
+        from fusechat.score import armorm
         from fusechat.tokenizers import load_tokenizer
 
-        check_reward_model(rm)
+        config = check_reward_model(rm)
         self.cfg = rm
+        self.armorm = armorm.is_armorm(config)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         path = str(Path(rm.path).expanduser()) if Path(rm.path).expanduser().exists() else rm.path
-        self.tokenizer = load_tokenizer(path, trust_remote_code=rm.trust_remote_code)
+        self.tokenizer = load_tokenizer(path, trust_remote_code=rm.trust_remote_code and not self.armorm)
         template = template_override(rm.chat_template, f"{KEY}.chat_template")
         if template is not None:
             self.tokenizer.chat_template = template
         if not self.tokenizer.chat_template:
             raise UserError(f"{KEY}.chat_template: {rm.path} has no chat template; set one")
         dtype = "auto" if rm.dtype == "auto" else getattr(torch, rm.dtype)
-        self.model = (
-            AutoModelForSequenceClassification.from_pretrained(
+        if self.armorm:
+            model = armorm.load(path, dtype, head_in_float32=rm.head_dtype == "float32", tokenizer=self.tokenizer)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
                 path, dtype=dtype, trust_remote_code=rm.trust_remote_code
             )
-            .to(self.device)
-            .eval()
-        )
+            if rm.head_dtype == "float32":
+                float32_head(model)
+        self.model = model.to(self.device).eval()
         text_config = (
             self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
         )
         pad_id = text_config.pad_token_id
-        if pad_id is None:  # the model cannot find the last token of a padded row without one
-            pad_id = (
-                self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-            )
+        fallback = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
+        if self.armorm:  # pools through the attention mask: any id inside the vocabulary pads
+            if pad_id is None or not 0 <= pad_id < text_config.vocab_size:
+                pad_id = fallback
+        elif pad_id is None:  # the model cannot find the last token of a padded row without one
+            pad_id = fallback
             text_config.pad_token_id = pad_id
         self.pad_id = int(pad_id)
         limit = getattr(text_config, "max_position_embeddings", None)
         self.max_length = min(rm.max_length, limit) if limit else rm.max_length
         self._takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
+        if self.armorm:
+            self._check_gating_pattern()
 
-    def encode(self, conversations: Sequence[list[dict[str, str]]]) -> tuple[list[list[int]], list[bool]]:
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    def _check_gating_pattern(self) -> None:
+        import torch
+
+        from fusechat.score.armorm import GATING_TEXT, gating_positions
+
+        probe = conversation([{"role": "user", "content": "hi"}], "hello")
+        ids = self.encode([probe]).ids[0]
+        try:
+            gating_positions(torch.tensor([ids]), torch.ones(1, len(ids)), self.model.gating_pattern)
+        except ValueError:
+            raise UserError(
+                f"{KEY}.chat_template: {self.cfg.path} is an ArmoRM, which gates on the assistant header "
+                f"{GATING_TEXT!r}; its chat template does not produce it"
+            ) from None
+
+    def encode(self, conversations: Sequence[list[dict[str, str]]]) -> Encoded:
+        texts, errors = [], {}
+        for i, c in enumerate(conversations):
+            try:
+                texts.append(self.tokenizer.apply_chat_template(c, tokenize=False))
+            except Exception as e:  # jinja raises its own types, e.g. a template that rejects a role
+                errors[i] = f"chat template: {first_line(e)}"
+                texts.append("")
         ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        truncated = [len(s) > self.max_length for s in ids]
-        return [s[: self.max_length] for s in ids], truncated
+        out = Encoded([], [], [], errors)
+        for i, (c, s) in enumerate(zip(conversations, ids, strict=True)):
+            prompt = self._prompt_tokens(c, i, errors) if i not in errors and len(s) > self.max_length else 0
+            if i in errors:
+                seq, verdict, n = [], "error", None
+            elif len(s) <= self.max_length:
+                seq, verdict, n = s, "ok", len(s)
+            elif prompt >= self.max_length:
+                seq, verdict, n = [], "prompt_too_long", len(s)
+            else:
+                seq, verdict, n = s[: self.max_length], "truncated", len(s)
+            out.ids.append(seq)
+            out.verdicts.append(verdict)
+            out.lengths.append(n)
+        return out
+
+    def _prompt_tokens(self, conv: list[dict[str, str]], i: int, errors: dict[int, str]) -> int:
+        """Tokens of everything before the response: the prompt turns and the assistant header."""
+        try:
+            text = self.tokenizer.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template that wants the conversation to end with an assistant turn
+            errors[i] = f"chat template (prompt alone): {first_line(e)}"
+            return 0
+        return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def forward(self, seqs: Sequence[Sequence[int]]) -> list[float]:
         import torch
@@ -229,11 +337,44 @@ class RewardModel:
         batch_size: int | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> Scored:
-        seqs, truncated = self.encode(conversations)
-        alone = [self.pad_id in s for s in seqs]
-        batches = length_batches([len(s) for s in seqs], batch_size or self.cfg.batch_size, alone)
-        rewards, _ = score_batches(lambda idx: self.forward([seqs[i] for i in idx]), batches, len(seqs), on_batch)
-        return Scored(rewards, truncated, [len(s) for s in seqs])
+        enc = self.encode(conversations)
+        n = len(conversations)
+        todo = [i for i in range(n) if enc.verdicts[i] in SCORED]
+        seqs = [enc.ids[i] for i in todo]
+        # pooling on the pad id would stop early at a pad id inside the text: such a sequence goes unpadded
+        alone = [not self.armorm and self.pad_id in s for s in seqs]
+        lengths = [len(s) for s in seqs]
+        batches = token_batches(lengths, self.cfg.batch_tokens, batch_size or self.cfg.batch_size, alone)
+        values, failures, _ = score_batches(
+            lambda idx: self.forward([seqs[j] for j in idx]), batches, lengths, on_batch
+        )
+        unscored = len(failures) + len(enc.errors)
+        if unscored > 1 and len(failures) == len(todo):  # nothing scored: the model, device or template is broken
+            if failures:
+                raise next(iter(failures.values()))
+            raise UserError(f"{KEY}.chat_template: cannot render any conversation: {next(iter(enc.errors.values()))}")
+        rewards: list[float | None] = [None] * n
+        scored_tokens: list[int | None] = [None] * n
+        verdicts, errors = list(enc.verdicts), dict(enc.errors)
+        for j, i in enumerate(todo):
+            rewards[i] = values[j]
+            if j in failures:
+                verdicts[i] = "out_of_memory" if is_out_of_memory(failures[j]) else "error"
+                errors[i] = f"{type(failures[j]).__name__}: {first_line(failures[j])}"
+            else:
+                scored_tokens[i] = lengths[j]
+        truncated = [None if m is None else m > self.max_length for m in enc.lengths]
+        return Scored(rewards, truncated, scored_tokens, verdicts, errors)
+
+
+def float32_head(model) -> None:
+    """Run a sequence classifier's output layer (`score`, one linear map) in float32."""
+    import torch
+
+    head = getattr(model, "score", None)
+    if isinstance(head, torch.nn.Linear) and head.weight.dtype != torch.float32:
+        head.float()
+        head.register_forward_pre_hook(lambda _, args: tuple(a.float() for a in args))
 
 
 def conversation(messages: list[dict[str, str]], response: str) -> list[dict[str, str]]:

@@ -6,6 +6,10 @@ versions, reward-model config, references of verified domains), then scores chun
 resumable partial version (`fusechat.shards`), `--shard I/N` taking every N-th chunk.
 
 Row verdict: the scorers' verdicts in route order, e.g. `reward:ok,math:correct` or `reward:truncated,code:timeout`.
+The reward model's own: `ok`, `truncated` (the response's tail was cut to fit `max_length`), `prompt_too_long` (the
+prompt alone fills the window: reward null), `error` / `out_of_memory` (the row failed alone: reward null).
+No single row fails a chunk: a scorer call that raises is retried one row at a time, and a row that still raises
+gets `<scorer>:error`; only when every row of the call fails does the chunk fail (a broken scorer, not a row).
 `exact` (short answers equal to the reference, see `exact.py`) counts as a verifier like math.
 `correct` is the verifiers' result: False if any says no (wrong, no answer, fail, timeout), True if all say yes,
 null if no verifier ran or one could not decide (no reference, sandbox error). A prompt of a math (code) domain
@@ -16,6 +20,8 @@ domain in which no prompt has a reference is a config mistake and stops the stag
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusechat.config import FusechatConfig, ScoreConfig
-from fusechat.errors import UserError
+from fusechat.errors import UserError, first_line
 from fusechat.prompts import read_prompts
 from fusechat.shards import ChunkDir, ShardSpec, chunk_ranges
 from fusechat.store import RunStore, StageResult, Version, run_stage
@@ -41,12 +47,13 @@ SCORES_SCHEMA = pa.schema(
         ("correct", pa.bool_()),
         ("verdict", pa.string()),
         ("domain", pa.string()),
-        ("truncated", pa.bool_()),  # the reward model saw only the first max_length tokens
+        ("truncated", pa.bool_()),  # the conversation exceeded the reward model's max_length: it saw part or none
         ("reward_tokens", pa.int64()),
     ]
 )
 SAMPLE_COLUMNS = ["prompt_id", "source", "sample_index", "text"]
 TIMINGS_KEY = b"fusechat.scorer_timings"
+WORKER_KEY = b"fusechat.worker"  # which process scored a chunk: host, pid, device
 MATH_OK = {"correct": True, "wrong": False, "no_answer": False, "timeout": False}
 CODE_OK = {"pass": True, "fail": False, "timeout": False}
 
@@ -56,7 +63,8 @@ CODE_OK = {"pass": True, "fail": False, "timeout": False}
 class Scorers:
     """The scorer functions a chunk needs; each takes a list and returns a list of the same length."""
 
-    reward: Callable[[list[list[dict[str, str]]]], tuple[list[float], list[bool], list[int]]] | None = None
+    # conversations -> rewards, truncated flags, tokens scored, the reward model's verdicts
+    reward: Callable[[list[list[dict[str, str]]]], tuple[list, list, list, list[str]]] | None = None
     math: Callable[[list[tuple[str, str]]], list[str]] | None = None
     code: Callable[[list[tuple[str, Any]]], list[str]] | None = None
     exact: Callable[[list[tuple[str, str]]], list[str]] | None = None
@@ -81,7 +89,10 @@ def combine(verdicts: dict[str, str]) -> bool | None:
 
 
 def score_rows(
-    rows: Sequence[dict[str, Any]], score: ScoreConfig, scorers: Scorers
+    rows: Sequence[dict[str, Any]],
+    score: ScoreConfig,
+    scorers: Scorers,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
     """Sample rows (with `domain`, `messages`, `reference` of their prompt) -> score rows, timings per scorer."""
     routes = [route_for(score, r["domain"]) for r in rows]
@@ -115,19 +126,25 @@ def score_rows(
         if fn is None:
             raise RuntimeError(f"no {name} scorer for a route that needs it")
         started = time.perf_counter()
-        results = fn([make(rows[i]) for i in todo])
+        items = [make(rows[i]) for i in todo]
+        failed = (None, None, None, "error") if name == "reward" else "error"
+        try:
+            results = fn(items)
+        except UserError:
+            raise
+        except Exception as e:
+            results = one_at_a_time(fn, items, e, failed, [rows[i] for i in todo], name, log)
         timings[name] = {"responses": len(todo), "seconds": time.perf_counter() - started}
         for i, result in zip(todo, results, strict=True):
             if name == "reward":
-                reward, truncated, n_tokens = result
+                reward, truncated, n_tokens, verdict = result
                 out[i].update(reward=reward, truncated=truncated, reward_tokens=n_tokens)
-                verdicts[i][name] = "truncated" if truncated else "ok"
+                verdicts[i][name] = verdict
             else:
                 verdicts[i][name] = result
 
     def reward_fn(items):
-        rewards, truncated, n_tokens = scorers.reward(items)
-        return list(zip(rewards, truncated, n_tokens, strict=True))
+        return list(zip(*scorers.reward(items), strict=True))
 
     run(
         "reward",
@@ -143,6 +160,37 @@ def score_rows(
         row["verdict"] = ",".join(f"{name}:{verdicts[i][name]}" for name in order)
         row["correct"] = combine(verdicts[i])
     return out, timings
+
+
+def one_at_a_time(
+    fn: Callable[[list], list],
+    items: list,
+    error: Exception,
+    failed: Any,
+    rows: Sequence[dict[str, Any]],
+    name: str,
+    log: Callable[[str], None] | None,
+) -> list:
+    """`fn` over each item alone after it raised `error` over all of them; an item that raises alone gets
+    `failed`. Raises `error` when every item fails (the scorer is broken, not a row)."""
+    results, n_failed = [], 0
+    for item, row in zip(items, rows, strict=True):
+        try:
+            results.extend(fn([item]))
+        except UserError:
+            raise
+        except Exception as e:
+            n_failed += 1
+            results.append(failed)
+            if log:
+                log(
+                    f"{name}: row (prompt_id={row['prompt_id']}, source={row['source']}, "
+                    f"sample_index={row['sample_index']}) failed alone, verdict {name}:error: "
+                    f"{type(e).__name__}: {first_line(e)}"
+                )
+    if n_failed == len(items) > 1:
+        raise error
+    return results
 
 
 # --------------------------------------------------------------------------------------------- reading inputs
@@ -228,7 +276,8 @@ def stage_config(cfg: FusechatConfig) -> dict[str, Any]:
 
     score = cfg.score.model_dump(mode="json")
     if score["reward_model"]:
-        score["reward_model"].pop("batch_size")
+        for speed_only in ("batch_size", "batch_tokens", "workers"):
+            score["reward_model"].pop(speed_only)
     score["math"].pop("workers")
     score["code"].pop("workers")
     return {
@@ -268,7 +317,9 @@ def run_score(
         check_reward_model(cfg.score.reward_model)
 
     def body(partial: Path) -> StageResult:
-        return score_chunks(cfg, ChunkDir(partial), sample_rows, index, shard, samples, log, progress)
+        return score_chunks(
+            cfg, ChunkDir(partial), sample_rows, index, shard, samples, log, progress, prompts, domain is not None
+        )
 
     return run_stage(
         store,
@@ -291,6 +342,8 @@ def score_chunks(
     samples: Version,
     log: Callable[[str], None],
     progress: Callable[[int, int], None] | None,
+    prompts: Version | None = None,
+    needs_reward: bool = True,
 ) -> StageResult:
     ranges = chunk_ranges(sample_rows.total, cfg.score.shard_size) or [(0, 0)]
     keys = [f"chunk-{i:06d}" for i in range(len(ranges))]
@@ -302,20 +355,39 @@ def score_chunks(
         progress(done, total)
     if len(todo) < len(mine):
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} chunks already scored")
-    live = LiveScorers(cfg.score)
-    try:
-        for i in todo:
-            start, end = ranges[i]
-            rows = index.attach(sample_rows.read(start, end), f"{samples.path} rows {start}-{end}")
-            scored, timings = score_rows(rows, cfg.score, live.for_rows(rows))
-            table = pa.Table.from_pylist(scored, schema=SCORES_SCHEMA)
-            chunks.write(keys[i], table.replace_schema_metadata({TIMINGS_KEY: json.dumps(timings)}))
-            done += end - start
-            chunks.write_progress(rows_done=done, rows_total=total, shard=f"{shard.index}/{shard.count}")
-            if progress:
-                progress(done, total)
-    finally:
-        live.close()
+
+    def finished(i: int) -> None:
+        nonlocal done
+        done += ranges[i][1] - ranges[i][0]
+        chunks.write_progress(rows_done=done, rows_total=total, shard=f"{shard.index}/{shard.count}")
+        if progress:
+            progress(done, total)
+
+    devices = ["cpu"]
+    if needs_reward and todo:
+        from fusechat.score.workers import scoring_devices
+
+        devices = scoring_devices(shard, cfg.score.reward_model.workers, os.environ)[: len(todo)]
+        if devices != ["cpu"]:
+            log(f"scoring on {', '.join(devices)}")
+    if len(devices) == 1:
+        score_chunk_list(cfg, chunks, sample_rows, index, samples, ranges, todo, devices[0], log, finished)
+    else:
+        from fusechat.score.workers import run_workers
+
+        k = len(devices)
+        # the verifiers' process counts and the CPU threads are the machine's: each worker gets its share
+        share = cfg.model_copy(deep=True)
+        share.score.math.workers = max(1, cfg.score.math.workers // k)
+        share.score.code.workers = max(1, cfg.score.code.workers // k)
+        threads = max(1, (os.cpu_count() or 1) // k)
+        jobs = [
+            (share, chunks.root, samples, prompts, ranges, todo[w::k], device, threads)
+            for w, device in enumerate(devices)
+        ]
+        run_workers(
+            score_in_worker, jobs, devices, lambda kind, payload: finished(payload) if kind == "chunk" else log(payload)
+        )
     missing = len(keys) - len(chunks.finished(keys))
     if missing:
         log(f"shard {shard.index}/{shard.count} done; {missing} chunk(s) left to other shards")
@@ -324,14 +396,82 @@ def score_chunks(
     return summarize(chunks, keys)
 
 
+def score_chunk_list(
+    cfg: FusechatConfig,
+    chunks: ChunkDir,
+    sample_rows: SampleRows,
+    index: PromptIndex,
+    samples: Version,
+    ranges: list[tuple[int, int]],
+    todo: list[int],
+    device: str,
+    log: Callable[[str], None],
+    finished: Callable[[int], None],
+) -> None:
+    """Score the chunks numbered `todo`, each written as soon as it is done."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(device)  # nothing of this process lands on another job's GPU 0
+    live = LiveScorers(cfg.score, device, log)
+    try:
+        for i in todo:
+            start, end = ranges[i]
+            rows = index.attach(sample_rows.read(start, end), f"{samples.path} rows {start}-{end}")
+            scored, timings = score_rows(rows, cfg.score, live.for_rows(rows), log)
+            table = pa.Table.from_pylist(scored, schema=SCORES_SCHEMA)
+            worker = {"host": socket.gethostname(), "pid": os.getpid(), "device": device}
+            meta = {TIMINGS_KEY: json.dumps(timings), WORKER_KEY: json.dumps(worker)}
+            chunks.write(f"chunk-{i:06d}", table.replace_schema_metadata(meta))
+            finished(i)
+    finally:
+        live.close()
+
+
+def score_in_worker(
+    cfg: FusechatConfig,
+    partial: Path,
+    samples: Version,
+    prompts: Version,
+    ranges: list[tuple[int, int]],
+    todo: list[int],
+    device: str,
+    threads: int,
+    *,
+    emit: Callable[[str, Any], None],
+) -> None:
+    """One scoring process of `fusechat score` (see `fusechat.score.workers`)."""
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    index = PromptIndex(prompts)
+    score_chunk_list(
+        cfg,
+        ChunkDir(partial),
+        SampleRows(samples),
+        index,
+        samples,
+        ranges,
+        todo,
+        device,
+        lambda message: emit("log", message),
+        lambda i: emit("chunk", i),
+    )
+
+
 def summarize(chunks: ChunkDir, keys: list[str]) -> StageResult:
     table = chunks.read(keys, columns=["domain", "verdict", "reward", "truncated"])
     verdicts: Counter = Counter()
     for v in table.column("verdict").to_pylist():
         verdicts.update(v.split(",") if v else [])
     per_scorer: dict[str, dict[str, float]] = {}
+    per_worker: Counter = Counter()
     for key in keys:
         meta = pq.read_schema(chunks.path(key)).metadata or {}
+        if WORKER_KEY in meta:
+            w = json.loads(meta[WORKER_KEY])
+            per_worker[f"{w['host']}:{w['pid']} {w['device']}"] += pq.read_metadata(chunks.path(key)).num_rows
         for name, t in json.loads(meta.get(TIMINGS_KEY, b"{}")).items():
             acc = per_scorer.setdefault(name, {"responses": 0, "seconds": 0.0})
             acc["responses"] += t["responses"]
@@ -352,15 +492,17 @@ def summarize(chunks: ChunkDir, keys: list[str]) -> StageResult:
             "reward_null": table.column("reward").null_count,
             "truncated": sum(1 for t in table.column("truncated").to_pylist() if t),
         },
-        timings={"scorers": throughput},
+        timings={"scorers": throughput, "workers": dict(sorted(per_worker.items()))},
     )
 
 
 class LiveScorers:
     """The heavy scorers, loaded on first need and kept for the whole job (model, verifier pool)."""
 
-    def __init__(self, score: ScoreConfig):
+    def __init__(self, score: ScoreConfig, device: str | None = None, log: Callable[[str], None] | None = None):
         self.score = score
+        self.device = device
+        self.log = log
         self.reward_model = None
         self.math_checker = None
 
@@ -377,9 +519,12 @@ class LiveScorers:
         if self.reward_model is None:
             from fusechat.score.reward_model import RewardModel
 
-            self.reward_model = RewardModel(self.score.reward_model)
+            self.reward_model = RewardModel(self.score.reward_model, self.device)
         s = self.reward_model.score(conversations)
-        return s.rewards, s.truncated, s.num_tokens
+        if s.errors and self.log:
+            i, what = next(iter(s.errors.items()))
+            self.log(f"reward: {len(s.errors)} row(s) of a chunk not scored; first: {s.verdicts[i]}, {what}")
+        return s.rewards, s.truncated, s.num_tokens, s.verdicts
 
     def _math(self, items):
         if self.math_checker is None:
