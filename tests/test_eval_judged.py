@@ -23,14 +23,13 @@ import yaml
 from fusechat.config import FusechatConfig, load_config
 from fusechat.errors import UserError
 from fusechat.eval.judged import (
-    Question,
     answer_records,
     arena_hard_score,
     markdown_counts,
     parse_question,
     read_questions,
 )
-from fusechat.eval.settings import judged_sampling
+from fusechat.eval.settings import JUDGED_MAX_TOKENS, judged_sampling
 from fusechat.eval.stage import run_eval
 from fusechat.store import RunStore
 
@@ -146,6 +145,7 @@ def test_decoding_follows_the_paper_per_family_and_category():
     qwen = judged_sampling("alpaca_eval", "qwen", None, 4096)
     assert (qwen.temperature, qwen.top_p, qwen.top_k, qwen.repetition_penalty) == (0.7, 0.8, 20, 1.0)
     assert judged_sampling("arena_hard", "llama", None, 4096).temperature == 0.0
+    assert JUDGED_MAX_TOKENS == {"alpaca_eval": 4096, "arena_hard": 4096, "mt_bench": 1024, "alignbench": 4096}
     assert [judged_sampling("mt_bench", "llama", c, 4096).temperature for c in ("writing", "math", "stem", "x")] == [
         0.7,
         0.0,

@@ -205,7 +205,7 @@ class JudgedSet(Section):
 
     path: str
     limit: int | None = Field(default=None, ge=1)
-    max_new_tokens: int = Field(default=4096, ge=1)  # FuseEval: 4096 for every judged benchmark
+    max_new_tokens: int | None = Field(default=None, ge=1)  # default: the paper's (4096; MT-Bench 1024)
 
 
 class ArenaHardSet(JudgedSet):

@@ -5,8 +5,9 @@ Judged benchmarks (answers for an LLM judge):
   That decoder passes only temperature, top_p, top_k and the stop tokens to vLLM, so the configs' presence,
   frequency and repetition penalties never reached the model; they are left out here too. max 4096 tokens.
 - Arena-Hard (v0.1): the same decoder with `*-arenahard.yaml`: greedy, max 4096.
-- MT-Bench: FastChat's `temperature_config` per category (`common.py`), 0.7 for other categories, max 4096, both
-  turns (the second sees the first answer).
+- MT-Bench: FastChat's `temperature_config` per category (`common.py`), 0.7 for other categories, both turns (the
+  second sees the first answer); max 1024 tokens, FastChat's default in the generation FuseEval calls "official"
+  (`generate_hf.sh`; its vLLM variant allows 4096).
 - AlignBench v1.1: `config/temperature.json` per category, 0.7 otherwise, max 4096.
 
 Local benchmarks: greedy. Math (Qwen2.5-Math eval, `utils.py` prompt types `llama3-math-cot`, `qwen25-math-cot`,
@@ -26,6 +27,7 @@ from fusechat.config import SamplingParams
 
 FAMILIES = ("llama", "qwen", "gemma")
 JUDGED = ("alpaca_eval", "arena_hard", "mt_bench", "alignbench")
+JUDGED_MAX_TOKENS = {"alpaca_eval": 4096, "arena_hard": 4096, "mt_bench": 1024, "alignbench": 4096}
 
 ALPACA_EVAL_SAMPLING: dict[str, dict[str, Any]] = {
     "llama": {"temperature": 0.6, "top_p": 0.9},

@@ -23,7 +23,15 @@ from fusechat.errors import UserError
 from fusechat.eval.judged import Question, answer_records, read_questions, write_answers
 from fusechat.eval.local import accuracy_by_set, check_responses, eval_rows, is_correct
 from fusechat.eval.models import answer_model_id, resolve_model
-from fusechat.eval.settings import JUDGED, cut_at_stops, greedy, judged_sampling, model_family, styled
+from fusechat.eval.settings import (
+    JUDGED,
+    JUDGED_MAX_TOKENS,
+    cut_at_stops,
+    greedy,
+    judged_sampling,
+    model_family,
+    styled,
+)
 from fusechat.store import RunStore, StageResult, Version, model_identity, run_stage
 
 RESULTS_SCHEMA = pa.schema(
@@ -140,7 +148,7 @@ def judged_requests(benchmark: str, questions: list[Question], spec: JudgedSet, 
         Request(
             f"{benchmark}:{q.id}",
             [{"role": "user", "content": q.turns[0]}],
-            judged_sampling(benchmark, family, q.category, spec.max_new_tokens),
+            judged_sampling(benchmark, family, q.category, spec.max_new_tokens or JUDGED_MAX_TOKENS[benchmark]),
         )
         for q in questions
     ]
@@ -166,7 +174,9 @@ def answer_judged(
             for t in range(turn):
                 messages += [{"role": "user", "content": q.turns[t]}, {"role": "assistant", "content": said[t].text}]
             messages.append({"role": "user", "content": q.turns[turn]})
-            sampling = judged_sampling("mt_bench", family, q.category, spec.max_new_tokens)
+            sampling = judged_sampling(
+                "mt_bench", family, q.category, spec.max_new_tokens or JUDGED_MAX_TOKENS["mt_bench"]
+            )
             later.append(Request(f"mt_bench:{q.id}:{turn + 1}", messages, sampling))
         for i, a in zip(todo, generate(prep, engine, later, cfg.seed + turn), strict=True):
             history["mt_bench"][i].append(a)
