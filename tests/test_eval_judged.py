@@ -349,3 +349,41 @@ def test_question_layouts_of_the_recipes_parse(tmp_path):
     assert rows[3]["reference"] == {"tests": layouts["humaneval"]["test"], "entry_point": "f"}
     assert rows[4]["reference"] == {"tests": ["assert f() == 1"], "setup": []}
     assert yaml.safe_dump(cfg.eval.model_dump(mode="json"))  # the section round-trips
+
+
+@pytest.mark.slow
+def test_engine_auto_uses_vllm_when_installed_and_able(tmp_path, tiny_llama):
+    """One engine serves every benchmark: decoding settings change between batches (MT-Bench's per-category
+    temperatures, its second turn, a greedy local set) without reloading the model."""
+    import importlib.util
+
+    from fusechat.demo.tiny import TinySpec, make_tiny
+
+    installed = importlib.util.find_spec("vllm") is not None
+    # head size 32: vLLM's CPU attention supports it (the default tiny model's 24 is not)
+    small = make_tiny(
+        tmp_path / "llama32", TinySpec(arch="llama", chat="llama3", seed=1, hidden=64, heads=2, kv_heads=1)
+    )
+    files = judged_files(tmp_path)
+    gsm8k = {
+        "name": "gsm8k",
+        "path": jsonl(tmp_path / "gsm8k.jsonl", [{"question": "1+1?", "answer": "#### 2"}]),
+        "domain": "math",
+        "fields": {"prompt": "question", "answer": "answer"},
+        "check": "math",
+        "style": "math_cot",
+    }
+    for model, engine in ((small, "vllm" if installed else "transformers"), (tiny_llama, "transformers")):
+        data = judged_config(tmp_path, model, mt_bench={"path": files["mt_bench"], "max_new_tokens": 4}).model_dump()
+        data["eval"].update(engine="auto", max_new_tokens=4, sets=[gsm8k])
+        cfg = FusechatConfig.model_validate(data)
+        logged: list[str] = []
+        version = run_eval(cfg, RunStore(cfg.run_dir), model="target", log=logged.append)
+        counts = version.manifest["counts"]
+        assert counts["engine"] == engine
+        assert counts["accuracy"] == {"gsm8k": 0.0} and counts["judged"]["mt_bench"]["answers"] == 3
+        answers = version.path / "judged/mt_bench" / f"{counts['model_id']}.jsonl"
+        rows = [json.loads(x) for x in answers.read_text().splitlines()]
+        assert all(len(r["choices"][0]["turns"]) == 2 for r in rows)
+    if installed:  # the default tiny model's head size: generate instead, said in one line
+        assert any(line.startswith("eval: generate instead of vllm (eval.model") for line in logged)

@@ -170,3 +170,21 @@ def test_fusechat_eval_end_to_end_on_local_files(tmp_path, tiny_llama):
     manifest = json.loads((tmp_path / "runs/t/eval/v001/manifest.json").read_text())
     assert manifest["counts"]["skipped"] == [f"mbpp: {tmp_path / 'nowhere.jsonl'}"]
     assert set(manifest["counts"]["accuracy"]) == {"gsm8k", "humaneval"}
+
+
+def test_errors_name_the_set_in_the_config_even_after_a_skipped_one(tmp_path, tiny_llama):
+    from fusechat.errors import UserError
+    from fusechat.eval.stage import run_eval
+    from fusechat.store import RunStore
+
+    (tmp_path / "empty.jsonl").write_text("")
+    data = local_config(tmp_path, tiny_llama)
+    data["eval"]["sets"] = [
+        {"name": "gone", "path": str(tmp_path / "gone.jsonl"), "domain": "d", "fields": {"prompt": "q"}},
+        {"name": "empty", "path": str(tmp_path / "empty.jsonl"), "domain": "d", "fields": {"prompt": "q"}},
+    ]
+    cfg = FusechatConfig.model_validate(data)
+    logged: list[str] = []
+    with pytest.raises(UserError, match=r"^eval.sets\[1\].path: .*empty.jsonl: no prompts$"):
+        run_eval(cfg, RunStore(cfg.run_dir), model="target", log=logged.append)
+    assert logged == [f"eval: skipped gone: {tmp_path / 'gone.jsonl'} (file not found)"]

@@ -17,13 +17,14 @@ from fusechat.config import EvalSet, FusechatConfig, PromptSource
 from fusechat.errors import UserError
 
 
-def eval_rows(sets: list[EvalSet]) -> list[dict[str, Any]]:
+def eval_rows(sets: list[EvalSet], indices: list[int] | None = None) -> list[dict[str, Any]]:
     """Every eval prompt as {set, check, style, prompt_id, messages, reference}, read with the prompts field
-    mapping; `reference` also holds the code sets' `entry_point` and `setup` columns."""
+    mapping; `reference` also holds the code sets' `entry_point` and `setup` columns. `indices`: the sets'
+    places in `eval.sets`, for errors (default: their order here)."""
     from fusechat.prompts import get_path, iter_records, record_to_row
 
     rows = []
-    for i, s in enumerate(sets):
+    for i, s in zip(indices or range(len(sets)), sets, strict=True):
         where = f"eval.sets[{i}]"
         source = PromptSource(name=s.name, path=s.path, domain=s.domain, fields=s.fields)
         n = 0

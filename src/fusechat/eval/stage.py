@@ -226,7 +226,7 @@ def run_eval(
         log(f"eval: family of {runner.model} unknown: the llama decoding settings (set eval.family)")
         family = "llama"
     model_id = answer_model_id(cfg, label)
-    rows = eval_rows(found.sets) if found.sets else []
+    rows = eval_rows(found.sets, [cfg.eval.sets.index(s) for s in found.sets]) if found.sets else []
     questions = {b: read_questions(b, spec.path, spec.limit, f"eval.judged.{b}") for b, spec in found.judged.items()}
     probe = rows[0] if rows else {"prompt_id": "probe", "messages": [{"role": "user", "content": "hello"}]}
     prep = prepare(runner, "eval", probe)
