@@ -258,3 +258,17 @@ def test_comparison_rows_deltas_and_the_paper_average(tmp_path):
     assert table["average"] == ["average (2 benchmarks)", 29.2, 31.75, 34.5, 2.55, 5.3]
     with pytest.raises(UserError, match="no eval version in .*; run fusechat eval first"):
         pick_evals(RunStore(tmp_path), None)
+
+
+def test_mt_bench_judging_needs_the_references_and_prompts(tmp_path):
+    from fusechat.eval.judge import mt_bench_tasks
+    from fusechat.eval.judged import parse_question
+
+    questions = [parse_question("mt_bench", q, i) for i, q in enumerate(MT_BENCH)]
+    answers = {q.id: {"choices": [{"index": 0, "turns": ["a", "b"]}]} for q in questions}
+    prompts = {p["name"]: p for p in JUDGE_PROMPTS}
+    with pytest.raises(UserError, match=r"mt_bench.references: no reference answer for question 111 \(math\)"):
+        mt_bench_tasks(questions, answers, prompts, {}, "m", "judge")
+    with pytest.raises(UserError, match="judge_prompts: no prompt named 'single-v1-multi-turn'"):
+        mt_bench_tasks(questions[:1], answers, {"single-v1": prompts["single-v1"]}, {}, "m", "judge")
+    assert [t.key for t in mt_bench_tasks(questions[:1], answers, prompts, {}, "m", "judge")] == ["81:1", "81:2"]

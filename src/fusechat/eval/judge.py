@@ -155,8 +155,12 @@ def mt_bench_tasks(
         turns = answers[q.id]["choices"][0]["turns"]
         with_ref = q.category in MT_BENCH_NEED_REF
         ref = references.get(q.id, {}).get("choices", [{}])[0].get("turns") if with_ref else None
+        if with_ref and not ref:
+            raise UserError(f"eval.judged.mt_bench.references: no reference answer for question {q.id} ({q.category})")
         for turn in (1, 2) if len(q.turns) > 1 else (1,):
             name = ("single-math-v1" if with_ref else "single-v1") + ("-multi-turn" if turn == 2 else "")
+            if name not in prompts:
+                raise UserError(f"eval.judged.mt_bench.judge_prompts: no prompt named {name!r}")
             prompt = prompts[name]
             refs = {f"ref_answer_{i + 1}": r for i, r in enumerate(ref or [])}
             if turn == 1:
