@@ -325,6 +325,8 @@ def chat_client(judge: JudgeConfig, key: str | None, attempts: int = 3) -> Chat:
 def judge_files(cfg: FusechatConfig, benchmark: str) -> dict[str, Path] | str:
     """The harness files a benchmark's judge needs, or why it cannot run (one line)."""
     spec = getattr(cfg.eval.judged, benchmark)
+    if spec is None:
+        return f"eval.judged.{benchmark} is not configured"
     needed = {"arena_hard": ("baseline",), "mt_bench": ("judge_prompts", "references"), "alignbench": ("config_dir",)}
     files = {}
     for key in needed[benchmark]:
