@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from fusechat.demo.run import DEMO_CONFIG, SMALL_OVERRIDES
 from fusechat.store import RunStore
 
 
@@ -71,3 +72,38 @@ def test_small_demo_runs_every_stage_with_lineage(tmp_path):
     for ref in ("prompts", "samples", "scores", "datasets", "sft", "dpo"):
         assert f"cached: {latest[ref].ref}" in second.stdout
     assert len(store.versions("eval")) == 6  # every evaluation was a cache hit too
+
+    # `fusechat run` on the demo config: every stage cached, then the eval section's before/after table.
+    overrides = ["seed=0", *(f"sources.{i}.engine={engine}" for i in range(3)), *SMALL_OVERRIDES]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fusechat.cli",
+            "run",
+            "-c",
+            str(DEMO_CONFIG),
+            *(a for o in overrides for a in ("--set", o)),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "160"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    evals = {v.manifest["counts"]["model"]: v.ref for v in store.versions("eval")}
+    for label in ("target", f"sft/{latest['sft'].name}", f"dpo/{latest['dpo'].name}"):
+        assert f"cached: {evals[label]}" in run.stdout
+    assert len(store.versions("eval")) == 6
+    table = run.stdout[run.stdout.index("the target before and after fusion") :]
+    for column in ("before fusion", "after SFT", "after DPO", "Δ after SFT", "Δ after DPO"):
+        assert column in table
+    by_model = {r["model"]: r["accuracy"] for r in result["rows"]}
+    before, sft, dpo = (by_model[m] for m in ("target before fusion", "target after SFT", "target after SFT+DPO"))
+    for skill in result["skills"]:
+        row = next(line for line in table.splitlines() if line.startswith(f"│ {skill} "))
+        cells = [c.strip() for c in row.strip("│").split("│")]
+        assert cells[1:4] == [f"{100 * acc[skill]:.1f}" for acc in (before, sft, dpo)]
+        assert cells[5] == f"{round(100 * dpo[skill], 1) - round(100 * before[skill], 1):+.1f}"
+    assert "average (4 benchmarks)" in table

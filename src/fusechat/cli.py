@@ -277,31 +277,71 @@ def build(config: ConfigOpt, input_: InputOpt = None, set_: SetOpt = None, force
 def eval_(
     config: ConfigOpt,
     model: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             "--model",
-            help="dpo, sft, target, a source name, or a model "
-            "directory; dpo/v003 or dpo/v003@step-200 for a version or one of its checkpoints. "
-            "Default: the latest dpo model, else sft, else target.",
+            help="dpo, sft, target, a source name, or a model directory; dpo/v003 or dpo/v003@step-200 for a "
+            "version or one of its checkpoints. Default: the latest dpo model, else sft, else target. With "
+            "--compare: repeatable (also eval/vNNN); default every evaluated model.",
         ),
     ] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Print one table of the models' scores so far; evaluate nothing.")
+    ] = False,
+    no_judge: Annotated[
+        bool, typer.Option("--no-judge", help="Skip the judge step even if eval.judge is set.")
+    ] = False,
     input_: InputOpt = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Greedy answers of one model on the held-out sets of `eval.sets`, checked per set; accuracy per set."""
-    from fusechat.eval import run_eval
+    """One model answers every benchmark of `eval` whose file exists: local sets checked here (accuracy, pass@1),
+    judged benchmarks as answer files for their harnesses (and graded when `eval.judge` is set)."""
+    from fusechat.eval.compare import comparison, pick_evals, scores_of
+    from fusechat.eval.stage import run_eval
 
     cfg = _load(config, set_)
-    version = run_eval(cfg, _store(cfg), model=model, pinned=parse_inputs(input_), force=force, log=console.print)
+    store = _store(cfg)
+    if compare:
+        picked = pick_evals(store, model)
+        console.print(comparison_table(comparison([(label, scores_of(v)) for label, v in picked]), cfg.name))
+        return
+    if model and len(model) > 1:
+        raise UserError("--model: one model per evaluation (several only with --compare)")
+    version = run_eval(
+        cfg,
+        store,
+        model=model[0] if model else None,
+        pinned=parse_inputs(input_),
+        force=force,
+        judge=not no_judge,
+        log=console.print,
+    )
     counts = version.manifest["counts"]
-    table = Table(title=f"{counts['model']} ({version.ref})")
-    for name in ("set", "accuracy"):
-        table.add_column(name)
-    for name, acc in counts["accuracy"].items():
-        table.add_row(name, f"{acc:.3f}")
-    table.add_row("[bold]mean[/bold]", f"[bold]{counts['mean_accuracy']:.3f}[/bold]")
-    console.print(table)
+    title = f"{counts['model']} ({version.ref})"
+    console.print(comparison_table(comparison([(counts["model"], scores_of(version))]), title))
+    for name, info in counts.get("judged", {}).items():
+        console.print(f"  {name} answers: {version.path / info['file']}")
+
+
+def comparison_table(table, title: str) -> Table:
+    """A comparison (benchmarks as rows, models as columns, deltas) as a rich table."""
+    out = Table(title=title)
+    for i, name in enumerate(table["header"]):
+        out.add_column(name, justify="left" if i == 0 else "right")
+
+    def cell(value, delta: bool) -> str:
+        if value is None:
+            return "-"
+        return f"{value:+.1f}" if delta else f"{value:.1f}" if isinstance(value, float) else str(value)
+
+    rows = table["rows"] + ([table["average"]] if table["average"] else [])
+    for r, row in enumerate(rows):
+        cells = [cell(v, i > table["models"]) for i, v in enumerate(row)]
+        if r == len(table["rows"]):
+            cells = [f"[bold]{c}[/bold]" for c in cells]
+        out.add_row(*cells)
+    return out
 
 
 @app.command()
@@ -312,12 +352,18 @@ def run(
     until: Annotated[str, typer.Option("--until", help="Stop after this stage.")] = "eval",
 ) -> None:
     """Every stage in order (prompts, sample, score, build, sft, dpo, eval), each skipped when cached; stops at
-    the first error with the stage named."""
+    the first error with the stage named. Evaluates the target before fusion, after SFT and after DPO, and prints
+    the scores and deltas per benchmark."""
+    from fusechat.eval.compare import comparison, fusion_columns
     from fusechat.pipeline import run_pipeline
 
     cfg = _load(config, set_)
     versions = run_pipeline(cfg, _store(cfg), until=until, log=console.print, progress_for=stage_progress)
     console.print("done: " + ", ".join(v.ref for v in versions.values()))
+    evals = {k.removeprefix("eval:"): v for k, v in versions.items() if k.startswith("eval:")}
+    if evals:
+        table = comparison(fusion_columns(evals), deltas=True)
+        console.print(comparison_table(table, f"{cfg.name}: the target before and after fusion"))
 
 
 @app.command()

@@ -192,19 +192,68 @@ class TrainConfig(BaseModel):
 
 # --------------------------------------------------------------------------------------------- eval
 class EvalSet(Section):
+    """A benchmark scored locally from a local file (skipped with one line when the file is missing)."""
+
     name: str
     path: str
     domain: str
     fields: FieldMap
     check: Literal["exact", "math", "code"] = "exact"
     limit: int | None = Field(default=None, ge=1)
+    # The paper's harness prompt: math_cot (Qwen2.5-Math eval, answer in \boxed{}), evalplus (EvalPlus chat prompt)
+    style: Literal["plain", "math_cot", "evalplus"] = "plain"
+    entry_point: str | None = None  # code: column naming the function HumanEval's check(candidate) is called with
+    test_setup: str | None = None  # code: column with code run before the tests (MBPP's test_imports)
+    max_new_tokens: int | None = Field(default=None, ge=1)  # default: eval.max_new_tokens
+
+
+class JudgedSet(Section):
+    """A judged benchmark's question file, in its harness's layout; the answer file is written for that harness."""
+
+    path: str
+    limit: int | None = Field(default=None, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)  # default: the paper's (4096; MT-Bench 1024)
+
+
+class ArenaHardSet(JudgedSet):
+    baseline: str | None = None  # judge step: the baseline's answer file (v0.1: model_answer/gpt-4-0314.jsonl)
+
+
+class MTBenchSet(JudgedSet):
+    judge_prompts: str | None = None  # judge step: FastChat's data/judge_prompts.jsonl
+    references: str | None = None  # judge step: FastChat's data/mt_bench/reference_answer/gpt-4.jsonl
+
+
+class AlignBenchSet(JudgedSet):
+    config_dir: str | None = None  # judge step: AlignBench's config/ (dimension_set.json, ...)
+
+
+class JudgedBenchmarks(Section):
+    alpaca_eval: JudgedSet | None = None
+    arena_hard: ArenaHardSet | None = None
+    mt_bench: MTBenchSet | None = None
+    alignbench: AlignBenchSet | None = None
+
+
+class JudgeConfig(Section):
+    """An OpenAI-compatible chat-completions endpoint (e.g. a judge model served locally). The key is read from
+    the environment variable named here at request time and never written anywhere."""
+
+    base_url: str  # e.g. http://localhost:8000/v1
+    model: str
+    api_key_env: str | None = None
+    parallel: int = Field(default=8, ge=1)
+    timeout_s: float = Field(default=300.0, gt=0)
 
 
 class EvalConfig(Section):
     sets: list[EvalSet] = []
+    judged: JudgedBenchmarks = JudgedBenchmarks()
+    judge: JudgeConfig | None = None  # the optional judge step; never runs unless configured
+    family: Literal["llama", "qwen", "gemma"] | None = None  # decoding presets; default: from the model
     max_new_tokens: int = Field(default=512, ge=1)
     batch_size: int = Field(default=32, ge=1)
-    engine: Literal["vllm", "transformers"] = "transformers"  # greedy decoding; vllm for real models
+    engine: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vllm when installed and able, else generate
     engine_args: dict[str, Any] = {}
 
 

@@ -1,5 +1,6 @@
 """`fusechat run`: every stage in order, each a cache hit when its inputs and config are unchanged, stopping at
-the first error with the stage named."""
+the first error with the stage named. Its eval step evaluates the target before fusion, after SFT and after DPO
+(returned as `eval:target`, `eval:sft`, `eval:dpo`)."""
 
 from __future__ import annotations
 
@@ -51,10 +52,6 @@ def run_stage_by_name(
         from fusechat.train.dpo import run_dpo
 
         return run_dpo(cfg, store, force=force, log=log)
-    if verb == "eval":
-        from fusechat.eval import run_eval
-
-        return run_eval(cfg, store, force=force, log=log)
     raise ValueError(f"unknown stage {verb!r}")
 
 
@@ -67,13 +64,23 @@ def run_pipeline(
     log: Callable[[str], None] = print,
     progress_for: ProgressFor = lambda verb: nullcontext(),
 ) -> dict[str, Version]:
-    """Run prompts .. `until` (eval runs only when `eval.sets` is configured)."""
+    """Run prompts .. `until` (eval runs only when benchmarks are configured and a file of theirs exists)."""
+    from fusechat.eval.stage import configured, evaluate_models, fusion_models
+
     if until not in STAGES:
         raise UserError(f"--until {until}: expected one of {', '.join(STAGES)}")
     done: dict[str, Version] = {}
     for verb in STAGES:
-        if verb == "eval" and not cfg.eval.sets:
-            log("eval: skipped (no eval.sets configured)")
+        if verb == "eval":
+            if not configured(cfg):
+                log("eval: skipped (no eval.sets or eval.judged configured)")
+                break
+            log("── eval")
+            try:
+                evals = evaluate_models(cfg, store, fusion_models(cfg), log=log)
+            except UserError as e:
+                raise UserError(f"stage eval: {e}") from None
+            done.update({f"eval:{model}": v for model, v in evals.items()})
             break
         log(f"── {verb}")
         try:

@@ -38,7 +38,7 @@ def run_demo(
     progress_for: Callable[[str], AbstractContextManager[Any]] = lambda verb: nullcontext(),
 ) -> dict[str, Any]:
     from fusechat.demo.world import WorldSpec, build_world
-    from fusechat.eval import run_eval
+    from fusechat.eval import evaluate_models
     from fusechat.pipeline import run_pipeline
 
     started = time.time()
@@ -51,10 +51,10 @@ def run_demo(
     t_world = time.time() - started
     log(f"sampling engine: {engine}" + ("" if engine == "vllm" else " (vLLM is not installed)"))
     store = RunStore(cfg.run_dir)
-    versions = run_pipeline(cfg, store, until="dpo", log=log, progress_for=progress_for)
-    evals: dict[str, Version] = {}
-    for model in [*(f"source:{s.name}" for s in cfg.sources), "target", "sft", "dpo"]:
-        evals[model] = run_eval(cfg, store, model=model, log=log)
+    # The pipeline evaluates the target before fusion, after SFT and after DPO; the sources the same way.
+    versions = run_pipeline(cfg, store, until="eval", log=log, progress_for=progress_for)
+    evals: dict[str, Version] = evaluate_models(cfg, store, [f"source:{s.name}" for s in cfg.sources], log=log)
+    evals.update({m: versions[f"eval:{m}"] for m in ("target", "sft", "dpo")})
     result = results(cfg, versions, evals)
     result["timings_s"] = {
         "world": round(t_world, 1),

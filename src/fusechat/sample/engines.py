@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fusechat.config import SourceModel
+from fusechat.config import SamplingParams, SourceModel
 from fusechat.errors import UserError
 
 # transformers engine: the engine_args it understands; the rest (tensor_parallel_size, ...) are vLLM's.
@@ -29,6 +29,7 @@ class Completion:
 
 class Engine(Protocol):
     context_len: int  # a prompt needs at least one free position below this
+    sampling: SamplingParams  # read at each generate call (eval sets it per benchmark)
 
     def generate(self, prompts: list[list[int]], k: int, seed: int) -> list[list[Completion]]: ...
 
