@@ -133,6 +133,9 @@ class CodeVerifierConfig(Section):
     max_processes: int = Field(default=16, ge=1)
     workers: int = Field(default=4, ge=1)
     python: str | None = None  # interpreter for the sandbox; default: the one running fusechat
+    # Where the machine offers no isolation (no user namespaces, not root with CAP_SYS_ADMIN), code checks are
+    # refused; true accepts running model-written code with resource limits only.
+    allow_no_isolation: bool = False
 
 
 class ScoreConfig(Section):
