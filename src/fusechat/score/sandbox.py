@@ -171,7 +171,8 @@ def _run(
                 rc = proc.wait(timeout=limits.timeout_s + STARTUP_GRACE_S)
             except subprocess.TimeoutExpired:
                 rc = None
-                _stop(proc)
+                if mode == "userns":
+                    _stop(proc)
             finally:
                 _kill_everything(proc, uid)
             elapsed = time.monotonic() - started
@@ -221,8 +222,8 @@ def _interpreter_dirs(python: str) -> list[str]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Past the wall clock: ask the boot to stop (in `userns` it takes its namespace down and waits for it to be
-    empty), then kill its process group."""
+    """Past the wall clock in `userns`: ask the boot to stop (it kills the init, whose exit empties the
+    namespace, and waits for that) before the process group is killed."""
     try:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=STOP_GRACE_S)
