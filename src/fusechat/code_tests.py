@@ -35,13 +35,14 @@ TESTS_MARKER = re.compile(
 
 @dataclass(frozen=True)
 class CodeTests:
-    """A prompt's tests (Python source), the dataset's own solution (Python source, run against the tests at
-    ingest), and the names the tests call (`hint` tells a model those names; the prompt does not always)."""
+    """A prompt's tests (Python source) and the dataset's own solution (Python source, run against the tests at
+    ingest). The tests call names the prompt does not always state: `hint` states them, and a prompt that holds
+    every string of `mentions` (e.g. "`clamp") states them already."""
 
     tests: str
     solution: str
     hint: str
-    names: tuple[str, ...]
+    mentions: tuple[str, ...]
 
 
 # --------------------------------------------------------------------------------------------- programs
@@ -118,7 +119,7 @@ def self_oss_tests(response: str) -> CodeTests | str:
     if not names:
         return "no_solution"  # the tests call nothing the solution defines
     hint = "Your code will be tested by calling " + ", ".join(f"`{n}`" for n in names) + "."
-    return CodeTests(tests=tests, solution=solution, hint=hint, names=names)
+    return CodeTests(tests=tests, solution=solution, hint=hint, mentions=tuple(f"`{n}" for n in names))
 
 
 # --------------------------------------------------------------------------------------------- LeetCode
@@ -284,7 +285,7 @@ def entry_point(solution: str, arg_names: list[str | None]) -> tuple[str, list[s
     return (fitting[-1][0], fitting[-1][1]) if fitting else None
 
 
-LEETCODE_HARNESS = '''\
+LEETCODE_HARNESS = """\
 # Tests from the examples of the problem text, calling {name}.
 def _fusechat_entry(name):
     import re
@@ -334,7 +335,7 @@ def _fusechat_examples():
 
 
 _fusechat_examples()
-'''
+"""
 
 
 def leetcode_tests(content: str, solution_text: str) -> CodeTests | str:
@@ -357,4 +358,4 @@ def leetcode_tests(content: str, solution_text: str) -> CodeTests | str:
     any_order = bool(re.search(r"\bany order\b", content, re.IGNORECASE))
     tests = LEETCODE_HARNESS.format(name=name, cases=repr(cases), any_order=any_order)
     hint = f"Write the solution in Python as a function `{name}({', '.join(params)})`."
-    return CodeTests(tests=tests, solution=solution, hint=hint, names=(name,))
+    return CodeTests(tests=tests, solution=solution, hint=hint, mentions=(f"`{name}(",))

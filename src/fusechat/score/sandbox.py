@@ -110,9 +110,7 @@ def _denied() -> bool:
 
 
 # --------------------------------------------------------------------------------------------- running
-def run_program(
-    source: str, limits: CodeVerifierConfig, *, solution: str | None = None, static: bool = True
-) -> str:
+def run_program(source: str, limits: CodeVerifierConfig, *, solution: str | None = None, static: bool = True) -> str:
     """Run Python `source` in the sandbox; with `solution`: the static pass on it (unless `static` is False),
     then it, then `source` (its tests) in the same module. Returns a verdict."""
     return _run(source, solution, limits, require_isolation(limits), static=static)[0]
@@ -297,9 +295,7 @@ def check_code(response: str, tests: Any, limits: CodeVerifierConfig, *, static:
     return run_program(test_source, limits, solution=code, static=static)
 
 
-def check_code_many(
-    items: Sequence[tuple[str, Any]], limits: CodeVerifierConfig, *, static: bool = True
-) -> list[str]:
+def check_code_many(items: Sequence[tuple[str, Any]], limits: CodeVerifierConfig, *, static: bool = True) -> list[str]:
     """(response, tests) pairs -> verdicts, `limits.workers` checks at a time. Refuses (UserError) when the
     machine cannot isolate code and the config did not accept that."""
     if not items:
