@@ -199,3 +199,20 @@ def test_without_isolation_code_routes_are_refused_with_one_line(world):
         assert len(lines) == 1 and "score.code.allow_no_isolation" in lines[0], res.stderr
         assert "set score.code.allow_no_isolation: true" in lines[0]
     assert not store.partials("scores")  # refused before anything was written
+
+
+def test_prompts_cli_counts_drops_per_source_and_warns_on_an_empty_one(world, tmp_path):
+    root, _, _, _ = world
+    res = run_cli("prompts", "-c", str(root / "cfg.yaml"), cwd=root)
+    assert res.returncode == 0, res.stderr
+    assert "leetcode: read=10, kept=6, dropped_solution_fails=2" in res.stdout
+    assert "self-oss-instruct: read=6, kept=3" in res.stdout
+    cfg = yaml.safe_load((root / "cfg.yaml").read_text())
+    untested = tmp_path / "untested.jsonl"
+    untested.write_text(json.dumps({"instruction": "Reverse a string.", "response": "Use `s[::-1]`."}) + "\n")
+    cfg["workdir"] = str(tmp_path / "runs")
+    cfg["prompts"]["sources"][1]["path"] = str(untested)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    res = run_cli("prompts", "-c", str(tmp_path / "cfg.yaml"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "WARNING: prompt source 'self-oss-instruct' kept no prompts of 1 read (no_tests=1)" in res.stdout

@@ -301,6 +301,12 @@ def run_prompts(
 
     version = run_stage(store, "prompts", stage_config(cfg), {}, body, force=force, log=log)
     assert version is not None
+    for name, counts in version.manifest["counts"].get("by_source", {}).items():
+        if not counts.get("kept"):
+            drops = ", ".join(
+                f"{k.removeprefix('dropped_')}={v}" for k, v in counts.items() if k.startswith("dropped_")
+            )
+            log(f"WARNING: prompt source {name!r} kept no prompts of {counts.get('read', 0)} read ({drops or 'none'})")
     return version
 
 

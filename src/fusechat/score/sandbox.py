@@ -55,6 +55,7 @@ OUTPUT_TAIL = 4096
 # Throw-away uids: far above any real account, one drawn per check, so RLIMIT_NPROC counts only that check.
 UID_RANGE = (3_000_000, 2_000_000_000)
 SCRUBBED_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+_DRAWN: set[int] = set()  # throw-away uids this process used (other fusechat processes may run checks too)
 DENY_NAMESPACES_ENV = "FUSECHAT_SANDBOX_DENY_NAMESPACES"  # tests: make the kernel's refusal happen on purpose
 STATIC_VERDICTS = {4: "syntax_error", 5: "undefined_name"}
 # Proves more than "it started": the stdlib is readable after confinement and the work directory writable.
@@ -122,6 +123,8 @@ def _run(
     python = limits.python or sys.executable
     as_root = os.geteuid() == 0
     uid = secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) + UID_RANGE[0] if as_root else None
+    if uid is not None:
+        _DRAWN.add(uid)
     nonce = secrets.token_hex(16)
     work = Path(tempfile.mkdtemp(prefix="fusechat-sandbox-"))
     try:
@@ -250,13 +253,14 @@ def _kill_everything(proc: subprocess.Popen, uid: int | None) -> None:
                 check=False,
             )
             if not processes_of(uid):
+                _DRAWN.discard(uid)  # nothing of it left to look for
                 break
             time.sleep(0.05)
 
 
 def processes_of(uid: int | None = None) -> list[int]:
-    """Live (not zombie) processes owned by `uid`; with None, every process a check left: owned by a throw-away
-    uid, or still running the boot of this fusechat."""
+    """Live (not zombie) processes owned by `uid`; with None, every process a check of this process left: owned
+    by a throw-away uid it used, or still running the boot of this fusechat."""
     found = []
     boot = str(BOOT).encode()
     for entry in Path("/proc").iterdir():
@@ -274,7 +278,7 @@ def processes_of(uid: int | None = None) -> list[int]:
         if uid is not None:
             if owner == uid:
                 found.append(int(entry.name))
-        elif UID_RANGE[0] <= owner < UID_RANGE[1] or boot in cmdline:
+        elif owner in _DRAWN or boot in cmdline:
             found.append(int(entry.name))
     return found
 

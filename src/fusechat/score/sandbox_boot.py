@@ -29,6 +29,7 @@ import json
 import os
 import re
 import resource
+import select
 import signal
 import socket
 import sys
@@ -133,14 +134,22 @@ def confine_in_user_namespace(libc, settings):
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as fh:
             fh.write(text)
+    # The parent stops a check with SIGTERM to this process, which the code cannot reach (other PID namespace):
+    # kill the init, whose exit kills everything in the namespace, then report.
+    init = None
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(init, signal.SIGKILL) if init else os._exit(128 + 15))
+    alive_r, alive_w = os.pipe()  # EOF on alive_r: this process is gone
     init = os.fork()
     if init:
-        # The parent stops a check with SIGTERM to this process, which the code cannot reach (other PID
-        # namespace): kill the init, whose exit kills everything in the namespace, then report.
-        signal.signal(signal.SIGTERM, lambda *_: os.kill(init, signal.SIGKILL))
+        os.close(alive_r)
         _relay(init)
     # PID 1 of the new namespace: the code (its child) cannot signal it; it dies with the process above.
     _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+    os.close(alive_w)
+    if select.select([alive_r], [], [], 0)[0]:
+        os._exit(SETUP_FAILED)  # the process above died before the death signal was armed
+    os.close(alive_r)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "not dumpable")
     _read_only_view(libc)
     code = os.fork()
@@ -166,11 +175,14 @@ def _relay(pid):
 
 
 def _mounts():
-    """(mount point, per-mount flags) of every mount in this namespace, parents first."""
+    """(mount point, per-mount flags) of every mount in this namespace, parents first; autofs trigger points
+    left out (touching one would mount it; what it mounts is listed itself)."""
     found = []
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
             fields = line.split()
+            if fields[fields.index("-") + 1] == "autofs":
+                continue
             point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # \040: a space
             flags = 0
             for opt in fields[5].split(","):
