@@ -18,7 +18,7 @@ import yaml
 from code_fixtures import CORRECT_AND_WRONG, LEETCODE_ROWS, SELF_OSS_ROWS, write_leetcode, write_self_oss
 
 from fusechat.build import run_build
-from fusechat.code_tests import DROP_REASONS
+from fusechat.code_tests import DROP_REASONS, has_checks
 from fusechat.config import load_config
 from fusechat.prompts import read_prompts, run_prompts
 from fusechat.score.sandbox import DENY_NAMESPACES_ENV, check_code_many, isolation
@@ -89,6 +89,7 @@ def test_prompts_keep_code_with_tests_and_count_every_drop(world):
         assert by_source[name] == {"read": len(rows), "kept": len(expected) - sum(drops.values()), **drops}
     table = read_prompts(prompts).to_pylist()
     assert len(table) == 9 and {r["domain"] for r in table} == {"code"}
+    assert all(has_checks(json.loads(r["reference"])["tests"]) for r in table)  # every kept prompt carries tests
     kept = {_function_of(json.loads(r["reference"])["tests"]) for r in table}
     expected_kept = {o for *_, o in [*LEETCODE_ROWS.values(), *SELF_OSS_ROWS.values()] if o not in DROP_REASONS}
     assert kept == expected_kept == set(CORRECT_AND_WRONG)

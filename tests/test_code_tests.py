@@ -61,6 +61,8 @@ def test_examples_in_greengerong_markdown():
     ]
     padded = '**Input:** s = "hello ", t = "x "\n**Output:** "holle "'
     assert leetcode_examples(padded) == [([("s", "hello"), ("t", "x")], "holle")]  # the dump's one-space padding
+    same_line = "**Input:** n = 3 **Explanation:** three.\n**Output:** 6 **Explanation:** 1 + 2 + 3."
+    assert leetcode_examples(same_line) == [([("n", 3)], 6)]
     unpadded = '**Input:** s = "a b "\n**Output:** "a b"'  # not every string padded: a real trailing space
     assert leetcode_examples(unpadded) == [([("s", "a b ")], "a b")]
 

@@ -126,6 +126,7 @@ def self_oss_tests(response: str) -> CodeTests | str:
 MARKDOWN_ESCAPE = re.compile(r"\\([\\\[\]_*`#~>+\-|{}().!])")
 INPUT_LINE = re.compile(r"^[ \t]*\**[ \t]*Input[ \t]*:?[ \t]*\**[ \t]*:?[ \t]*(.*)$", re.IGNORECASE | re.MULTILINE)
 OUTPUT_LINE = re.compile(r"^[ \t]*\**[ \t]*Output[ \t]*:?[ \t]*\**[ \t]*:?[ \t]*(.*)$", re.IGNORECASE)
+TRAILING_BOLD = re.compile(r"\s+\*\*")  # `**Output:** 3 **Explanation:** ...` on one line
 NAMED_ARG = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(.+?)\s*$", re.DOTALL)
 JSON_WORDS = {"true": "True", "false": "False", "null": "None"}
 LITERAL = int | float | str | bool | list | tuple | None
@@ -213,14 +214,15 @@ def leetcode_examples(content: str) -> list[tuple[list[tuple[str | None, LITERAL
     for m in inputs:
         rest = [line for line in text[m.end() :].splitlines() if line.strip()]
         out = OUTPUT_LINE.match(rest[0]) if rest else None
-        if not m.group(1).strip() or out is None or not out.group(1).strip():
+        given, want = (TRAILING_BOLD.split(g)[0] for g in (m.group(1), out.group(1) if out else ""))
+        if not given.strip() or not want.strip():
             return "unparseable_tests"
         try:
             args = []
-            for part in split_top_level(m.group(1)):
+            for part in split_top_level(given):
                 named = NAMED_ARG.match(part)
                 args.append((named.group(1), parse_literal(named.group(2))) if named else (None, parse_literal(part)))
-            expected = parse_literal(out.group(1))
+            expected = parse_literal(want)
         except ValueError:
             return "unparseable_tests"
         examples.append(_strip_padding(args, expected))

@@ -218,7 +218,8 @@ class PromptIndex:
                 if has == 0:
                     raise UserError(
                         f"score.routes.{domain}: routed to the {scorer} verifier, but none of its prompts "
-                        f"has a reference {key} (map one with prompts.sources[].fields.{field})"
+                        f"has a reference {key} (map one with prompts.sources[].fields.{field}"
+                        + (", or make them with prompts.sources[].code_tests)" if scorer == "code" else ")")
                     )
 
 
