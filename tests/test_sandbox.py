@@ -132,7 +132,9 @@ def _run_hostile_file(request, prefix: list[str], uid: int, expect: str) -> subp
         pytest.skip("needs setpriv and a Python interpreter that other users may run")
     base = Path(tempfile.mkdtemp(prefix="fusechat-other-uid-"))  # pytest's own tmp dirs are closed to others
     os.chown(base, uid, uid)
-    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    shared = Path(tempfile.mkdtemp(prefix=".shared-", dir=ROOT))  # anyone may write there: the sandbox may not
+    os.chmod(shared, 0o1777)
+    request.addfinalizer(lambda: [shutil.rmtree(p, ignore_errors=True) for p in (base, shared)])
     paths = [str(ROOT / "src"), sysconfig.get_paths()["purelib"]]
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -140,6 +142,7 @@ def _run_hostile_file(request, prefix: list[str], uid: int, expect: str) -> subp
         "PYTHONDONTWRITEBYTECODE": "1",
         "HOME": str(base),
         "FUSECHAT_EXPECT_ISOLATION": expect,
+        "FUSECHAT_TEST_SHARED_DIR": str(shared),
     }
     cmd = [*prefix, python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={base / 't'}", str(HOSTILE)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -10,8 +10,10 @@ stray-process check after each test must see only that test's checks.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -89,16 +91,29 @@ def test_huge_output_is_cut():
     assert time.monotonic() - started < 20
 
 
-def test_cannot_write_outside_its_directory(in_tmp):
+@pytest.fixture()
+def shared_dir():
+    """A directory anyone may write to, outside /tmp, like a cluster's shared scratch space."""
+    given = os.environ.get("FUSECHAT_TEST_SHARED_DIR")
+    if given:
+        yield Path(given)
+        return
+    path = Path(tempfile.mkdtemp(prefix=".shared-", dir=Path(__file__).resolve().parents[1]))
+    os.chmod(path, 0o1777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_cannot_write_outside_its_directory(in_tmp, shared_dir):
     name = f"fusechat-hostile-{uuid.uuid4().hex[:8]}"
-    targets = [in_tmp / name, Path("/tmp") / name, Path("/var/tmp") / name, Path("/dev/shm") / name]
+    targets = [in_tmp / name, shared_dir / name, Path("/tmp") / name, Path("/var/tmp") / name, Path("/dev/shm") / name]
     home = Path(os.environ.get("HOME", "/nonexistent"))
     if home.is_dir() and os.access(home, os.W_OK):
         targets.append(home / name)
     for target in targets:
         code = f"open({str(target)!r}, 'w').write('owned')\nassert open({str(target)!r}).read() == 'owned'"
         verdict = run_program(code, LIMITS)
-        if target.parent in (in_tmp, home):
+        if target.parent in (in_tmp, home, shared_dir):
             assert verdict == "fail"
         assert not target.exists(), f"the sandbox wrote {target}"
     (in_tmp / "victim.txt").write_text("mine")

@@ -4,8 +4,9 @@ It confines itself, checks the program statically, then runs `main.py` (program 
 How it confines depends on `mode` (the parent picks the strongest that works on the machine, see `sandbox.py`):
 
 - `root` (root with CAP_SYS_ADMIN): new mount and network namespaces (no interfaces: no network at all), the
-  work directory over /tmp, the other world-writable directories and root's home emptied, then a throw-away uid
-  with no groups: that uid can write nowhere but its work directory and cannot read or signal the parent.
+  work directory over /tmp, the other world-writable directories and root's home emptied, every other mount
+  read-only, then a throw-away uid with no groups: that uid can write nowhere but its work directory and cannot
+  read or signal the parent.
 - `userns` (any user, where unprivileged user namespaces work): new user, mount, network, PID and IPC
   namespaces. The view of the filesystem is read-only except the work directory (over /tmp) and empty private
   tmpfs on /dev/shm, /var/tmp, /run; /proc shows only the sandbox's own processes. The code runs as a child of a
@@ -119,6 +120,7 @@ def confine_as_root(libc, settings):
     for d in WORLD_WRITABLE:
         if os.path.isdir(d):
             _check(libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, b"mode=755,size=1m"), f"cover {d}")
+    _remount_read_only(libc)  # other directories anyone may write to (a shared scratch space) included
     os.chdir("/tmp")
     _become(settings["uid"])
 
@@ -191,18 +193,23 @@ def _mounts():
     return sorted(found, key=lambda m: m[0].count("/"))
 
 
+def _remount_read_only(libc):
+    """Every mount of this (private) namespace read-only, but the work directory on /tmp (and /proc)."""
+    for point, flags in _mounts():
+        if point in ("/tmp", "/proc") or point.startswith("/proc/"):
+            continue
+        keep = flags & (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME | MS_RELATIME | MS_STRICTATIME)
+        rc = libc.mount(None, point.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, None)
+        if rc != 0 and ctypes.get_errno() not in (errno.EACCES, errno.ENOENT):  # unreachable: unwritable too
+            _check(rc, f"read-only {point}")
+
+
 def _read_only_view(libc):
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount private")
     work = os.open(".", os.O_PATH)
     _check(libc.mount(f"/proc/self/fd/{work}".encode(), b"/tmp", None, MS_BIND, None), "bind /tmp")
     os.close(work)
-    for point, flags in _mounts():
-        if point in ("/tmp", "/proc") or point.startswith("/proc/"):
-            continue  # the work directory stays writable; /proc is replaced below
-        keep = flags & (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME | MS_RELATIME | MS_STRICTATIME)
-        rc = libc.mount(None, point.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, None)
-        if rc != 0 and ctypes.get_errno() not in (errno.EACCES, errno.ENOENT):  # unreachable: unwritable too
-            _check(rc, f"read-only {point}")
+    _remount_read_only(libc)
     for d in PRIVATE_TMPFS:
         if os.path.isdir(d) and not os.path.islink(d):
             _check(libc.mount(b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=16m"), f"cover {d}")
