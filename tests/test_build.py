@@ -211,6 +211,8 @@ def test_stats_count_every_prompt_and_token_lengths_match_the_template(world):
         assert d["sft_rows"] == stats["sft"]["by_domain"].get(name, 0)
         for key in ("candidates", "acceptable", "sft_rows", "dpo_pairs"):
             assert sum(c[key] for c in d["by_source"].values()) == d[key]
+        assert list(d["by_origin"]) == [name]  # one prompt file per domain in this world
+        assert d["by_origin"][name]["sft_rows"] == d["sft_rows"] and d["by_origin"][name]["prompts"] == d["prompts"]
         assert (
             d["sft_rows"] + sum(d["dropped_prompts"]["sft"].values()) + sum(d["dropped_rows"]["sft"].values())
             == (d["prompts"]["sft"])
@@ -343,6 +345,13 @@ def test_cli_errors_and_summary_table(world, tmp_path, tiny_llama):
         "build", "-c", str(world["root"] / "cfg.yaml"), "--set", "build.pair_source_rule=random", cwd=tmp_path
     )
     assert res.returncode == 0, res.stderr
-    for title in ("datasets by domain and source", "dropped by domain", "dpo margins", "sft_only_domain", "alpha"):
+    titles = (
+        "datasets by domain and source",
+        "by prompt dataset",
+        "dropped by domain",
+        "dpo margins",
+        "sft_only_domain",
+    )
+    for title in (*titles, "alpha"):
         assert title in res.stdout
     assert "wrote: datasets/" in res.stdout

@@ -173,6 +173,10 @@ def test_score_then_build_yield_code_sft_rows_and_dpo_pairs(world):
     assert code["dpo_pairs"] > 0 and set(code["dropped_prompts"]["dpo"]) <= {"margin_below_band"}, code
     assert code["candidates"] == len(samples) and code["acceptable"] == n
     assert set(code["by_source"]) == {"alpha", "beta"} and stats["warnings"] == []
+    origins = code["by_origin"]
+    assert set(origins) == {"leetcode", "self-oss-instruct"}
+    assert sum(o["sft_rows"] + o["dpo_pairs"] for o in origins.values()) == code["sft_rows"] + code["dpo_pairs"]
+    assert sum(sum(o["prompts"].values()) for o in origins.values()) == 9
     sft = pq.read_table(version.path / "sft" / "train.parquet").to_pylist()
     assert all(r["domain"] == "code" and "```python" in r["messages"][-1]["content"] for r in sft)
     dpo = pq.read_table(version.path / "dpo" / "train.parquet").to_pylist()

@@ -155,7 +155,7 @@ def build_datasets(
 ) -> StageResult:
     timings: dict[str, float] = {}
     started = time.time()
-    prompts = read_prompts(inputs["prompts"], columns=["prompt_id", "domain", "split", "messages"])
+    prompts = read_prompts(inputs["prompts"], columns=["prompt_id", "domain", "split", "messages", "origin"])
     candidates, where = read_candidates(
         inputs, prompts.column("prompt_id").combine_chunks(), need_empty=cfg.build.drop_empty, progress=progress
     )
@@ -248,7 +248,8 @@ def build_datasets(
 
     written = {
         name: pq.read_table(
-            out / name / "train.parquet", columns=["domain", "source"] + (["margin"] if name == "dpo" else [])
+            out / name / "train.parquet",
+            columns=["prompt_id", "domain", "source"] + (["margin"] if name == "dpo" else []),
         )
         for name in ("sft", "dpo")
     }
@@ -582,7 +583,8 @@ def domain_stats(
 ) -> dict[str, Any]:
     """Per domain, and per source model within it: prompts (per split; for a source: those it answered),
     candidates (responses), acceptable responses (may be chosen), SFT rows, DPO pairs, and every drop reason with
-    its count: responses excluded, prompts dropped (per split), selected rows dropped after selection."""
+    its count: responses excluded, prompts dropped (per split), selected rows dropped after selection. Per prompt
+    dataset (`origin`) within a domain: prompts, SFT rows, DPO pairs, prompts dropped."""
     prompt_domain = np.asarray(prompts.column("domain").to_pylist(), dtype=object)
     prompt_split = np.asarray(prompts.column("split").to_pylist(), dtype=object)
     p = codes_in(candidates.column("prompt_id"), prompts.column("prompt_id"))
@@ -592,6 +594,9 @@ def domain_stats(
         name: Counter(zip(t.column("domain").to_pylist(), t.column("source").to_pylist(), strict=True))
         for name, t in written.items()
     }
+
+    origin = np.asarray(prompts.column("origin").to_pylist(), dtype=object)
+    row_of = {name: codes_in(t.column("prompt_id"), prompts.column("prompt_id")) for name, t in written.items()}
 
     def reasons(values: np.ndarray) -> dict[str, int]:
         return dict(sorted((k, v) for k, v in Counter(values.tolist()).items() if k))
@@ -626,6 +631,17 @@ def domain_stats(
                 split: dict(sorted(post_by_domain[split].get(domain, {}).items())) for split in post_by_domain
             },
             "by_source": by_source,
+            "by_origin": {
+                o: {
+                    "prompts": {
+                        s: int((in_domain & (origin == o) & (prompt_split == s)).sum()) for s in ("sft", "dpo")
+                    },
+                    "sft_rows": int((origin[row_of["sft"]] == o).sum()),
+                    "dpo_pairs": int((origin[row_of["dpo"]] == o).sum()),
+                    "dropped_prompts": reasons(selection.dropped_reason[in_domain & (origin == o)]),
+                }
+                for o in sorted(set(origin[in_domain].tolist()))
+            },
         }
     return out
 
@@ -750,6 +766,20 @@ def stats_tables(stats: dict[str, Any]) -> list:
         excluded(stats["responses"]["excluded"]),
     )
 
+    origins = Table(title="datasets by prompt dataset (prompts: sft / dpo)")
+    for col in ("domain", "prompt dataset", "prompts", "sft rows", "dpo pairs", "dropped prompts"):
+        origins.add_column(col, justify="left" if col in ("domain", "prompt dataset", "dropped prompts") else "right")
+    for name, d in domains.items():
+        for origin, o in d.get("by_origin", {}).items():
+            origins.add_row(
+                name,
+                origin,
+                f"{o['prompts']['sft']} / {o['prompts']['dpo']}",
+                str(o["sft_rows"]),
+                str(o["dpo_pairs"]),
+                excluded(o["dropped_prompts"]),
+            )
+
     drops = Table(title="dropped by domain: prompts per split, selected rows (too_long, identical_texts), responses")
     for col in ("domain", "reason", "sft", "dpo", "responses"):
         drops.add_column(col, justify="left" if col in ("domain", "reason") else "right")
@@ -770,4 +800,4 @@ def stats_tables(stats: dict[str, Any]) -> list:
         margin.add_column(col, justify="right")
     for label, q in (("kept", m), ("all same-source", dpo["margin"]["candidates"])):
         margin.add_row(label, *(str(q.get(k, "")) for k in ("count", "min", "p10", "median", "p90", "max")))
-    return [by_domain, drops, margin]
+    return [by_domain, origins, drops, margin]
