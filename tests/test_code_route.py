@@ -68,9 +68,13 @@ def write_config(root: Path, reward: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_reward, tiny_llama):
+def world(tmp_path_factory, tiny_llama):
+    from fusechat.demo.tiny import TinySpec, make_tiny
+
     root = tmp_path_factory.mktemp("code")
-    cfg = load_config(write_config(root, tiny_reward, tiny_llama), check_trl=False)
+    # A window that holds every answer: a response the reward model saw only in part is no candidate.
+    reward = make_tiny(root / "reward", TinySpec(arch="llama", chat="chatml", max_positions=2048, seed=5), reward=True)
+    cfg = load_config(write_config(root, reward, tiny_llama), check_trl=False)
     store = RunStore(cfg.run_dir)
     prompts = run_prompts(cfg, store, log=lambda m: None)
     return root, cfg, store, prompts
