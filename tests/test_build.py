@@ -197,6 +197,43 @@ def test_stats_count_every_prompt_and_token_lengths_match_the_template(world):
     assert {"nan_reward", "null_reward", "truncated", "empty"} <= set(stats["responses"]["excluded"])
     assert stats["dpo"]["margin"]["kept"]["count"] == stats["dpo"]["pairs"]
     assert sum(stats["dpo"]["margin"]["histogram"]["kept"]) == stats["dpo"]["pairs"]
+    # per domain and per source: every response, row, pair and drop is counted once
+    domains = stats["domains"]
+    assert set(domains) == {"chat", "math", "chinese"} and stats["warnings"] == []
+    assert sum(d["candidates"] for d in domains.values()) == stats["responses"]["total"] == len(world["samples"])
+    assert sum(d["sft_rows"] for d in domains.values()) == stats["sft"]["rows"]
+    assert sum(d["dpo_pairs"] for d in domains.values()) == stats["dpo"]["pairs"]
+    for name, d in domains.items():
+        assert d["prompts"] == {
+            "sft": stats["sft"]["prompts_by_domain"][name],
+            "dpo": stats["dpo"]["prompts_by_domain"][name],
+        }
+        assert d["sft_rows"] == stats["sft"]["by_domain"].get(name, 0)
+        for key in ("candidates", "acceptable", "sft_rows", "dpo_pairs"):
+            assert sum(c[key] for c in d["by_source"].values()) == d[key]
+        assert list(d["by_origin"]) == [name]  # one prompt file per domain in this world
+        assert d["by_origin"][name]["sft_rows"] == d["sft_rows"] and d["by_origin"][name]["prompts"] == d["prompts"]
+        assert (
+            d["sft_rows"] + sum(d["dropped_prompts"]["sft"].values()) + sum(d["dropped_rows"]["sft"].values())
+            == (d["prompts"]["sft"])
+        )
+        assert d["acceptable"] + sum(d["excluded_responses"].values()) <= d["candidates"]
+    for reason, n in stats["responses"]["excluded"].items():
+        assert sum(d["excluded_responses"].get(reason, 0) for d in domains.values()) == n
+    for split in ("sft", "dpo"):
+        for reason, n in stats[split]["dropped"].items():
+            counted = sum(
+                d["dropped_prompts"][split].get(reason, 0) + d["dropped_rows"][split].get(reason, 0)
+                for d in domains.values()
+            )
+            assert counted == n, (split, reason)
+    math_sources = {
+        r["source"]
+        for r in world["samples"]
+        if r["prompt_id"]
+        in {p["prompt_id"] for p in read_prompts(world["prompts"]).to_pylist() if p["domain"] == "math"}
+    }
+    assert set(domains["math"]["by_source"]) == math_sources
     tok = load_tokenizer(world["cfg"].target.path)
     for row in pq.read_table(world["version"].path / "sft" / "train.parquet").to_pylist()[:5]:
         assert row["num_tokens"] == len(tok.apply_chat_template(row["messages"], tokenize=True)["input_ids"])
@@ -236,9 +273,37 @@ def test_identical_texts_are_dropped(tmp_path, tiny_llama):
             s["text"], s["finish_reason"] = "the very same answer", "stop"
 
     write_responses(store, pv, seed=3, tamper=same_text)
-    stats = json.loads((run_build(cfg, store, log=lambda m: None).path / "stats.json").read_text())
+    logs: list[str] = []
+    stats = json.loads((run_build(cfg, store, log=logs.append).path / "stats.json").read_text())
     assert stats["dpo"]["pairs"] == 0 and stats["dpo"]["dropped"]["identical_texts"] > 0
     assert stats["max_length"] is None and stats["sft"]["tokens"] == {"count": 0}
+    # a split that yields nothing is a warning naming the cause, in stats.json and on the console
+    assert any(
+        w.startswith("domain 'chat' yields 0 DPO pairs from") and "identical_texts" in w for w in stats["warnings"]
+    )
+    assert [f"WARNING: {w}" for w in stats["warnings"]] == [m for m in logs if m.startswith("WARNING")]
+
+
+def test_a_domain_without_verdicts_is_a_loud_warning(tmp_path, tiny_llama):
+    """A verified domain whose responses all lack a verdict (e.g. code prompts without tests) yields nothing:
+    the warning says so instead of leaving the domain silently empty."""
+    cfg = load_config(write_config(tmp_path, tiny_llama, max_length=None), check_trl=False)
+    store = RunStore(cfg.run_dir)
+    pv = run_prompts(cfg, store, log=lambda m: None)
+
+    def no_verdicts(samples, scores):
+        for s in scores:
+            s["correct"] = None
+
+    write_responses(store, pv, seed=5, tamper=no_verdicts)
+    logs: list[str] = []
+    stats = json.loads((run_build(cfg, store, log=logs.append).path / "stats.json").read_text())
+    math = stats["domains"]["math"]
+    assert math["sft_rows"] == math["dpo_pairs"] == math["acceptable"] == 0 and math["candidates"] > 0
+    warning = next(w for w in stats["warnings"] if w.startswith("domain 'math'"))
+    assert "yields 0 SFT rows and 0 DPO pairs" in warning and "excluded as unverified" in warning
+    assert "no response has a verifier verdict" in warning
+    assert f"WARNING: {warning}" in logs
 
 
 @pytest.mark.parametrize(
@@ -280,6 +345,13 @@ def test_cli_errors_and_summary_table(world, tmp_path, tiny_llama):
         "build", "-c", str(world["root"] / "cfg.yaml"), "--set", "build.pair_source_rule=random", cwd=tmp_path
     )
     assert res.returncode == 0, res.stderr
-    for title in ("datasets by domain", "dropped", "winning source per domain", "dpo margins", "sft_only_domain"):
+    titles = (
+        "datasets by domain and source",
+        "by prompt dataset",
+        "dropped by domain",
+        "dpo margins",
+        "sft_only_domain",
+    )
+    for title in (*titles, "alpha"):
         assert title in res.stdout
     assert "wrote: datasets/" in res.stdout

@@ -46,6 +46,16 @@ def test_recipes_carry_the_paper_values():
         assert by_name["qwen2.5-72b-instruct"].sampling.repetition_penalty == 1.05
         assert by_name["qwen2.5-72b-instruct"].k_for("chinese") == 1
         assert cfg.prompts.sft_ratio["instruction"] == 0.4
+        code = {s.name: s for s in cfg.prompts.sources if s.domain == "code"}
+        assert code["leetcode"].code_tests.model_dump() == {
+            "format": "leetcode",
+            "solution": "python",
+            "verify": True,
+            "function_hint": True,
+        }
+        assert code["self-oss-instruct"].code_tests.format == "self-oss"
+        assert code["self-oss-instruct"].code_tests.solution == "response"
+        assert cfg.score.routes["code"] == ["reward", "code"] and cfg.build.verified_domains["code"] == "code"
     assert recipes["llama-3.1-8b"].dpo.trl_args()["learning_rate"] == 8e-7
     assert recipes["qwen-2.5-7b"].dpo.trl_args()["learning_rate"] == 3e-7
     assert recipes["gemma-2-9b"].dpo.trl_args()["learning_rate"] == 5e-7
@@ -121,3 +131,18 @@ def test_field_map_needs_exactly_one_prompt_field():
 def test_output_dir_is_managed(tmp_path):
     with pytest.raises(UserError, match="sft.output_dir: set by fusechat"):
         load_config(write(tmp_path, {**MINIMAL, "sft": {"output_dir": "x"}}))
+
+
+def test_code_tests_are_checked(tmp_path):
+    data = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    data["prompts"]["sources"][0]["code_tests"] = {"format": "leetcode", "solution": "python"}
+    assert load_config(write(tmp_path, data)).prompts.sources[0].code_tests.verify is True
+    data["prompts"]["sources"][0]["code_tests"]["format"] = "humaneval"
+    with pytest.raises(UserError, match=r"prompts.sources\[0\].code_tests.format: .*'self-oss' or 'leetcode'"):
+        load_config(write(tmp_path, data))
+    data["prompts"]["sources"][0]["code_tests"]["format"] = "self-oss"
+    data["prompts"]["sources"][0]["fields"]["tests"] = "t"
+    with pytest.raises(UserError, match="set fields.tests .* or code_tests .*, not both"):
+        load_config(write(tmp_path, data))
+    with pytest.raises(UserError, match="score.code.allow_no_isolaton: unknown key; did you mean allow_no_isolation"):
+        load_config(write(tmp_path, MINIMAL), ["score.code.allow_no_isolaton=true"])

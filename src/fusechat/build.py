@@ -14,6 +14,7 @@ tokenizing all texts.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 from fusechat.config import FusechatConfig
 from fusechat.errors import UserError
 from fusechat.prompts import MESSAGE, read_prompts
-from fusechat.selection import Selection, codes_in, select
+from fusechat.selection import Selection, codes_in, dictionary_codes, select
 from fusechat.store import RunStore, StageResult, Version, model_identity, run_stage, write_json_atomic
 
 SFT_SCHEMA = pa.schema(
@@ -139,6 +140,9 @@ def run_build(
 
     version = run_stage(store, "datasets", stage_config(cfg), inputs, body, force=force, log=log)
     assert version is not None
+    stats = version.path / "stats.json"
+    for warning in json.loads(stats.read_text()).get("warnings", []) if stats.exists() else []:
+        log(f"WARNING: {warning}")
     return version
 
 
@@ -151,7 +155,7 @@ def build_datasets(
 ) -> StageResult:
     timings: dict[str, float] = {}
     started = time.time()
-    prompts = read_prompts(inputs["prompts"], columns=["prompt_id", "domain", "split", "messages"])
+    prompts = read_prompts(inputs["prompts"], columns=["prompt_id", "domain", "split", "messages", "origin"])
     candidates, where = read_candidates(
         inputs, prompts.column("prompt_id").combine_chunks(), need_empty=cfg.build.drop_empty, progress=progress
     )
@@ -181,6 +185,7 @@ def build_datasets(
 
     messages = prompts.column("messages")
     post = {"sft": Counter(), "dpo": Counter()}
+    post_by_domain: dict[str, dict[str, Counter]] = {"sft": defaultdict(Counter), "dpo": defaultdict(Counter)}
     lengths = {"sft": [], "dpo": []}
     (out / "sft").mkdir(parents=True)
     (out / "dpo").mkdir(parents=True)
@@ -197,6 +202,7 @@ def build_datasets(
             n_tok = _count(count_tokens, convs)
             keep = _fits(n_tok, cfg.build.max_length)
             post["sft"]["too_long"] += int((~keep).sum())
+            _tally(post_by_domain["sft"], part.column("domain"), ~keep, "too_long")
             lengths["sft"].append(n_tok[keep])
             idx = np.flatnonzero(keep)
             table = (
@@ -222,6 +228,8 @@ def build_datasets(
             fits = _fits(np.maximum(c_tok, r_tok), cfg.build.max_length)
             post["dpo"]["identical_texts"] += int(identical.sum())
             post["dpo"]["too_long"] += int((~identical & ~fits).sum())
+            _tally(post_by_domain["dpo"], part.column("domain"), identical, "identical_texts")
+            _tally(post_by_domain["dpo"], part.column("domain"), ~identical & ~fits, "too_long")
             keep = ~identical & fits
             idx = np.flatnonzero(keep)
             lengths["dpo"].append(np.maximum(c_tok, r_tok)[keep])
@@ -240,11 +248,12 @@ def build_datasets(
 
     written = {
         name: pq.read_table(
-            out / name / "train.parquet", columns=["domain", "source"] + (["margin"] if name == "dpo" else [])
+            out / name / "train.parquet",
+            columns=["prompt_id", "domain", "source"] + (["margin"] if name == "dpo" else []),
         )
         for name in ("sft", "dpo")
     }
-    stats = make_stats(cfg, inputs, prompts, candidates.num_rows, selection, post, written, lengths)
+    stats = make_stats(cfg, inputs, prompts, candidates, selection, post, written, lengths, post_by_domain)
     write_json_atomic(out / "stats.json", stats)
     return StageResult(
         counts={
@@ -258,6 +267,12 @@ def build_datasets(
         },
         timings=timings,
     )
+
+
+def _tally(counter: dict[str, Counter], domains: pa.ChunkedArray | pa.Array, mask: np.ndarray, reason: str) -> None:
+    """Count the rows of `mask` by domain under `reason`."""
+    for domain, n in Counter(np.asarray(domains.to_pylist(), dtype=object)[mask]).items():
+        counter[domain][reason] += n
 
 
 def _count(count_tokens: Callable[[list], np.ndarray] | None, convs: list) -> np.ndarray:
@@ -508,14 +523,18 @@ def make_stats(
     cfg: FusechatConfig,
     inputs: dict[str, Version],
     prompts: pa.Table,
-    n_responses: int,
+    candidates: pa.Table,
     selection: Selection,
     post: dict[str, Counter],
     written: dict[str, pa.Table],
     lengths: dict[str, list[np.ndarray]],
+    post_by_domain: dict[str, dict[str, Counter]],
 ) -> dict[str, Any]:
     """What was kept and dropped, by domain and source: deterministic (no timings), so equal builds give equal
-    files. Drops count prompts, except `too_long` and `identical_texts`, which count selected rows / pairs."""
+    files. Drops count prompts, except `too_long` and `identical_texts`, which count selected rows / pairs.
+    `domains` has every count per domain and per source model; `warnings` names each domain (or split of one)
+    that yields nothing, with the likely cause."""
+    n_responses = candidates.num_rows
     splits = Counter(zip(prompts.column("split").to_pylist(), prompts.column("domain").to_pylist(), strict=True))
     low, high = cfg.build.margin
     margins = written["dpo"].column("margin").to_numpy()
@@ -557,7 +576,142 @@ def make_stats(
             "candidates_above": int((cand > high).sum()),
         },
     }
+    out["domains"] = domain_stats(prompts, candidates, selection, written, post_by_domain)
+    out["warnings"] = empty_domain_warnings(out["domains"], cfg)
     return out
+
+
+def domain_stats(
+    prompts: pa.Table,
+    candidates: pa.Table,
+    selection: Selection,
+    written: dict[str, pa.Table],
+    post_by_domain: dict[str, dict[str, Counter]],
+) -> dict[str, Any]:
+    """Per domain, and per source model within it: prompts (per split; for a source: those it answered),
+    candidates (responses), acceptable responses (may be chosen), SFT rows, DPO pairs, and every drop reason with
+    its count: responses excluded, prompts dropped (per split), selected rows dropped after selection. Per prompt
+    dataset (`origin`) within a domain: prompts, SFT rows, DPO pairs, prompts dropped."""
+    prompt_domain = np.asarray(prompts.column("domain").to_pylist(), dtype=object)
+    prompt_split = np.asarray(prompts.column("split").to_pylist(), dtype=object)
+    p = codes_in(candidates.column("prompt_id"), prompts.column("prompt_id"))
+    s, source_names = dictionary_codes(candidates.column("source"))
+    row_domain = prompt_domain[p] if len(p) else np.zeros(0, dtype=object)
+    wins = {
+        name: Counter(zip(t.column("domain").to_pylist(), t.column("source").to_pylist(), strict=True))
+        for name, t in written.items()
+    }
+
+    origin = np.asarray(prompts.column("origin").to_pylist(), dtype=object)
+    row_of = {name: codes_in(t.column("prompt_id"), prompts.column("prompt_id")) for name, t in written.items()}
+
+    def reasons(values: np.ndarray) -> dict[str, int]:
+        return dict(sorted((k, v) for k, v in Counter(values.tolist()).items() if k))
+
+    out: dict[str, Any] = {}
+    for domain in sorted(set(prompt_domain.tolist())):
+        in_domain, rows = prompt_domain == domain, row_domain == domain
+        by_source = {}
+        for k, source in enumerate(source_names.to_pylist()):
+            mine = rows & (s == k)
+            if mine.any():
+                by_source[source] = {
+                    "prompts": int(len(np.unique(p[mine]))),
+                    "candidates": int(mine.sum()),
+                    "acceptable": int(selection.acceptable[mine].sum()),
+                    "sft_rows": wins["sft"][(domain, source)],
+                    "dpo_pairs": wins["dpo"][(domain, source)],
+                    "excluded_responses": reasons(selection.excluded_reason[mine]),
+                }
+        out[domain] = {
+            "prompts": {split: int((in_domain & (prompt_split == split)).sum()) for split in ("sft", "dpo")},
+            "candidates": int(rows.sum()),
+            "acceptable": int(selection.acceptable[rows].sum()),
+            "sft_rows": sum(n for (d, _), n in wins["sft"].items() if d == domain),
+            "dpo_pairs": sum(n for (d, _), n in wins["dpo"].items() if d == domain),
+            "excluded_responses": reasons(selection.excluded_reason[rows]),
+            "dropped_prompts": {
+                split: reasons(selection.dropped_reason[in_domain & (prompt_split == split)])
+                for split in ("sft", "dpo")
+            },
+            "dropped_rows": {
+                split: dict(sorted(post_by_domain[split].get(domain, {}).items())) for split in post_by_domain
+            },
+            "by_source": by_source,
+            "by_origin": {
+                o: {
+                    "prompts": {
+                        s: int((in_domain & (origin == o) & (prompt_split == s)).sum()) for s in ("sft", "dpo")
+                    },
+                    "sft_rows": int((origin[row_of["sft"]] == o).sum()),
+                    "dpo_pairs": int((origin[row_of["dpo"]] == o).sum()),
+                    "dropped_prompts": reasons(selection.dropped_reason[in_domain & (origin == o)]),
+                }
+                for o in sorted(set(origin[in_domain].tolist()))
+            },
+        }
+    return out
+
+
+CAUSES = {
+    "unverified": "no response has a verifier verdict (code without tests, math without an answer: see the scores' "
+    "verdicts, e.g. code:no_reference, and prompts.sources[].code_tests / fields, score.routes)",
+    "truncated": "responses were cut at max_tokens (raise sources[].sampling.max_tokens, or build.drop_truncated: false)",
+    "null_reward": "responses have no reward (the domain's score.routes lacks reward)",
+    "nan_reward": "the reward model returned NaN",
+    "empty": "responses are empty",
+    "no_samples": "no source model answered its prompts (sources[].samples)",
+    "no_usable_response": "no usable response (null reward, truncated or empty)",
+    "no_acceptable_response": "no response passed verification (see the scores' verdicts, e.g. code:fail)",
+    "no_rejected_response": "every response passed verification, so DPO has nothing to reject",
+    "no_same_source_pair": "no source has both a chosen and a rejected response",
+    "margin_below_band": "every same-source reward gap is below build.margin",
+    "margin_above_band": "every same-source reward gap is above build.margin",
+    "margin_outside_band": "no same-source reward gap is inside build.margin",
+    "sft_only_domain": "it is in build.sft_only_domains",
+    "too_long": "the selected rows exceed build.max_length",
+    "identical_texts": "chosen and rejected texts are identical",
+}
+
+
+def empty_domain_warnings(domains: dict[str, Any], cfg: FusechatConfig) -> list[str]:
+    """One line per domain that yields no rows (or per split of one that yields none), with the likely cause:
+    the reason that dropped or excluded the most."""
+    warnings = []
+    for name, d in domains.items():
+        n_prompts = sum(d["prompts"].values())
+        if d["sft_rows"] + d["dpo_pairs"] == 0 and n_prompts:
+            warnings.append(
+                f"domain {name!r} yields 0 SFT rows and 0 DPO pairs from {n_prompts} prompts "
+                f"({d['candidates']} responses, {d['acceptable']} acceptable): {_likely_cause(d, ('sft', 'dpo'))}"
+            )
+            continue
+        for split, kept, label in (("sft", "sft_rows", "SFT rows"), ("dpo", "dpo_pairs", "DPO pairs")):
+            if d["prompts"][split] and not d[kept] and not (split == "dpo" and name in cfg.build.sft_only_domains):
+                warnings.append(
+                    f"domain {name!r} yields 0 {label} from {d['prompts'][split]} {split} prompts: "
+                    f"{_likely_cause(d, (split,))}"
+                )
+    return warnings
+
+
+def _likely_cause(d: dict[str, Any], splits: tuple[str, ...]) -> str:
+    if d["candidates"] == 0:
+        return CAUSES["no_samples"]
+    if d["acceptable"] == 0:
+        excluded = d["excluded_responses"]
+        if sum(excluded.values()) < d["candidates"]:
+            return CAUSES["no_acceptable_response"]
+        top = max(excluded, key=excluded.get)
+        return f"{excluded[top]} of {d['candidates']} responses excluded as {top}: {CAUSES.get(top, top)}"
+    dropped: Counter = Counter()
+    for split in splits:
+        dropped.update(d["dropped_prompts"][split])
+        dropped.update(d["dropped_rows"].get(split, {}))
+    if not dropped:
+        return "no prompts in this split"
+    top = max(sorted(dropped), key=dropped.get)
+    return f"{dropped[top]} dropped as {top}: {CAUSES.get(top, top)}"
 
 
 def quantiles(values: np.ndarray) -> dict[str, float | int]:
@@ -573,44 +727,79 @@ def quantiles(values: np.ndarray) -> dict[str, float | int]:
 
 
 def stats_tables(stats: dict[str, Any]) -> list:
-    """The stats as rich tables: rows per domain, drops by reason, wins per source."""
+    """The stats as rich tables: per domain and source model what went in and what came out, every drop reason
+    by domain, the DPO margins."""
     from rich.table import Table
 
-    by_domain = Table(title="datasets by domain")
-    for col in ("domain", "sft prompts", "sft rows", "dpo prompts", "dpo pairs"):
-        by_domain.add_column(col, justify="left" if col == "domain" else "right")
     sft, dpo = stats["sft"], stats["dpo"]
-    for d in sorted(set(sft["prompts_by_domain"]) | set(dpo["prompts_by_domain"])):
+    domains = stats.get("domains", {})
+    by_domain = Table(title="datasets by domain and source (prompts: sft / dpo; for a source: answered)")
+    for col in ("domain", "source", "prompts", "responses", "acceptable", "sft rows", "dpo pairs", "excluded"):
+        by_domain.add_column(col, justify="left" if col in ("domain", "source", "excluded") else "right")
+
+    def excluded(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in counts.items())
+
+    for name, d in domains.items():
         by_domain.add_row(
-            d,
-            str(sft["prompts_by_domain"].get(d, 0)),
-            str(sft["by_domain"].get(d, 0)),
-            str(dpo["prompts_by_domain"].get(d, 0)),
-            str(dpo["by_domain"].get(d, 0)),
+            f"[bold]{name}",
+            "[bold]all",
+            f"{d['prompts']['sft']} / {d['prompts']['dpo']}",
+            str(d["candidates"]),
+            str(d["acceptable"]),
+            str(d["sft_rows"]),
+            str(d["dpo_pairs"]),
+            excluded(d["excluded_responses"]),
         )
-    by_domain.add_row("[bold]total", str(sft["prompts"]), str(sft["rows"]), str(dpo["prompts"]), str(dpo["pairs"]))
+        for source, c in d["by_source"].items():
+            by_domain.add_row(
+                "",
+                source,
+                str(c["prompts"]),
+                str(c["candidates"]),
+                str(c["acceptable"]),
+                str(c["sft_rows"]),
+                str(c["dpo_pairs"]),
+                excluded(c["excluded_responses"]),
+            )
+    by_domain.add_row(
+        "[bold]total",
+        "",
+        f"{sft['prompts']} / {dpo['prompts']}",
+        str(stats["responses"]["total"]),
+        "",
+        str(sft["rows"]),
+        str(dpo["pairs"]),
+        excluded(stats["responses"]["excluded"]),
+    )
 
-    drops = Table(title="dropped: prompts (too_long, identical_texts: rows / pairs), excluded responses")
-    for col in ("reason", "sft", "dpo", "responses"):
-        drops.add_column(col, justify="left" if col == "reason" else "right")
-    for reason in sorted(set(sft["dropped"]) | set(dpo["dropped"])):
-        drops.add_row(reason, str(sft["dropped"].get(reason, 0)), str(dpo["dropped"].get(reason, 0)), "")
-    for reason, n in stats["responses"]["excluded"].items():
-        drops.add_row(reason, "", "", str(n))
+    origins = Table(title="datasets by prompt dataset (prompts: sft / dpo)")
+    for col in ("domain", "prompt dataset", "prompts", "sft rows", "dpo pairs", "dropped prompts"):
+        origins.add_column(col, justify="left" if col in ("domain", "prompt dataset", "dropped prompts") else "right")
+    for name, d in domains.items():
+        for origin, o in d.get("by_origin", {}).items():
+            origins.add_row(
+                name,
+                origin,
+                f"{o['prompts']['sft']} / {o['prompts']['dpo']}",
+                str(o["sft_rows"]),
+                str(o["dpo_pairs"]),
+                excluded(o["dropped_prompts"]),
+            )
 
-    wins = Table(title="winning source per domain (sft rows / dpo pairs)")
-    sources = sorted(set(sft["by_source"]) | set(dpo["by_source"]))
-    wins.add_column("domain")
-    for s in sources:
-        wins.add_column(s, justify="right")
-    for d in sorted(set(sft["by_domain_source"]) | set(dpo["by_domain_source"])):
-        wins.add_row(
-            d,
-            *(
-                f"{sft['by_domain_source'].get(d, {}).get(s, 0)} / {dpo['by_domain_source'].get(d, {}).get(s, 0)}"
-                for s in sources
-            ),
-        )
+    drops = Table(title="dropped by domain: prompts per split, selected rows (too_long, identical_texts), responses")
+    for col in ("domain", "reason", "sft", "dpo", "responses"):
+        drops.add_column(col, justify="left" if col in ("domain", "reason") else "right")
+    for name, d in domains.items():
+        split_drops = {split: Counter(d["dropped_prompts"][split]) for split in ("sft", "dpo")}
+        for split, counts in d["dropped_rows"].items():
+            split_drops[split].update(counts)
+        for reason in sorted(set(split_drops["sft"]) | set(split_drops["dpo"])):
+            drops.add_row(
+                name, reason, str(split_drops["sft"].get(reason, "")), str(split_drops["dpo"].get(reason, "")), ""
+            )
+        for reason, n in d["excluded_responses"].items():
+            drops.add_row(name, reason, "", "", str(n))
 
     m = dpo["margin"]["kept"]
     margin = Table(title=f"dpo margins (band {dpo['margin']['band']}, rule {dpo['margin']['rule']})")
@@ -618,4 +807,4 @@ def stats_tables(stats: dict[str, Any]) -> list:
         margin.add_column(col, justify="right")
     for label, q in (("kept", m), ("all same-source", dpo["margin"]["candidates"])):
         margin.add_row(label, *(str(q.get(k, "")) for k in ("count", "min", "p10", "median", "p90", "max")))
-    return [by_domain, drops, wins, margin]
+    return [by_domain, origins, drops, margin]

@@ -128,6 +128,8 @@ def prompts(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> 
     by_domain = version.manifest["counts"].get("by_domain", {})
     for domain, splits in by_domain.items():
         console.print(f"  {domain}: " + ", ".join(f"{k}={v}" for k, v in sorted(splits.items())))
+    for source, counts in version.manifest["counts"].get("by_source", {}).items():
+        console.print(f"  {source}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
 @app.command()

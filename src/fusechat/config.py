@@ -42,17 +42,38 @@ class FieldMap(Section):
         return self
 
 
+class CodeTestsConfig(Section):
+    """Runnable tests for the prompts of a code dataset, made at ingest (`fusechat.code_tests`): `self-oss`
+    takes the tests section of the `solution` column (bigcode/self-oss-instruct-sc2: `response`); `leetcode`
+    turns the problem text's Input/Output examples into asserts calling the function the `solution` column
+    (greengerong/leetcode: `python`) defines."""
+
+    format: Literal["self-oss", "leetcode"]
+    solution: str  # column holding the dataset's own solution (dotted paths reach nested values)
+    verify: bool = True  # run the tests against that solution in the sandbox; prompts it fails are dropped
+    function_hint: bool = True  # end the prompt with the names the tests call when the prompt does not say them
+
+
 class PromptSource(Section):
     name: str
     path: str  # hub dataset id, local dataset dir, or a .jsonl/.json/.parquet file
     domain: str
     fields: FieldMap
+    code_tests: CodeTestsConfig | None = None
     subset: str | None = None  # hub dataset config name
     split: str = "train"
     revision: str | None = None
     limit: int | None = Field(default=None, ge=1)
     sft_ratio: float | None = Field(default=None, ge=0.0, le=1.0)  # overrides prompts.sft_ratio[domain]
     exclude: dict[str, list[Any]] = {}  # drop rows whose column value is listed, e.g. task_category: [Math]
+
+    @model_validator(mode="after")
+    def _one_source_of_tests(self) -> PromptSource:
+        if self.code_tests is not None and self.fields.tests is not None:
+            raise ValueError(
+                "set fields.tests (a column of ready tests) or code_tests (tests made at ingest), not both"
+            )
+        return self
 
 
 class PromptsConfig(Section):
@@ -136,6 +157,9 @@ class CodeVerifierConfig(Section):
     max_processes: int = Field(default=16, ge=1)
     workers: int = Field(default=4, ge=1)
     python: str | None = None  # interpreter for the sandbox; default: the one running fusechat
+    # Where the machine offers no isolation (no user namespaces, not root with CAP_SYS_ADMIN), code checks are
+    # refused; true accepts running model-written code with resource limits only.
+    allow_no_isolation: bool = False
 
 
 class ScoreConfig(Section):

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fusechat.code_prompts import OUTCOME_KEY, tests_for, with_code_tests
 from fusechat.config import FieldMap, FusechatConfig, PromptSource
 from fusechat.errors import UserError, first_line
 from fusechat.store import RunStore, StageResult, Version, run_stage
@@ -107,8 +108,9 @@ def record_to_messages(record: dict[str, Any], fields: FieldMap) -> list[dict[st
 
 
 def record_to_row(record: dict[str, Any], source: PromptSource) -> dict[str, Any] | str:
-    """A prompts row (without `split`), or the reason the record is dropped ("empty", "excluded").
-    A record that does not fit the field mapping raises ValueError / KeyError."""
+    """A prompts row (without `split`), or the reason the record is dropped ("empty", "excluded", and for
+    `code_tests` sources the reasons of `fusechat.code_tests.DROP_REASONS`). A record that does not fit the field
+    mapping raises ValueError / KeyError."""
     for column, values in source.exclude.items():
         if get_path(record, column) in values:
             return "excluded"
@@ -122,6 +124,13 @@ def record_to_row(record: dict[str, Any], source: PromptSource) -> dict[str, Any
             value = get_path(record, col)
             if value is not None:
                 reference[key] = value
+    if source.code_tests is not None:
+        tests = record.get(OUTCOME_KEY) or tests_for(record, source, messages[-1]["content"])
+        if isinstance(tests, str):
+            return tests
+        reference["tests"] = tests.tests
+        if source.code_tests.function_hint and not all(m in messages[-1]["content"] for m in tests.mentions):
+            messages[-1] = {**messages[-1], "content": f"{messages[-1]['content']}\n\n{tests.hint}"}
     return {
         "prompt_id": prompt_id(source.domain, messages),
         "domain": source.domain,
@@ -267,11 +276,16 @@ def _file_sha256(path: Path) -> str:
 
 # --------------------------------------------------------------------------------------------- shell
 def stage_config(cfg: FusechatConfig) -> dict[str, Any]:
-    return {
+    config = {
         "seed": cfg.seed,
         "prompts": cfg.prompts.model_dump(mode="json"),
         "data": {s.name: source_identity(s) for s in cfg.prompts.sources},
     }
+    if any(s.code_tests is not None for s in cfg.prompts.sources):
+        from fusechat.code_prompts import identity
+
+        config["code_tests"] = identity(cfg.score.code)
+    return config
 
 
 def run_prompts(
@@ -287,6 +301,12 @@ def run_prompts(
 
     version = run_stage(store, "prompts", stage_config(cfg), {}, body, force=force, log=log)
     assert version is not None
+    for name, counts in version.manifest["counts"].get("by_source", {}).items():
+        if not counts.get("kept"):
+            drops = ", ".join(
+                f"{k.removeprefix('dropped_')}={v}" for k, v in counts.items() if k.startswith("dropped_")
+            )
+            log(f"WARNING: prompt source {name!r} kept no prompts of {counts.get('read', 0)} read ({drops or 'none'})")
     return version
 
 
@@ -307,7 +327,7 @@ def build_prompts(cfg: FusechatConfig, out: Path, progress: Callable[[str, int],
             counts: Counter = Counter()
             per_source[source.name] = counts
             group = (source.domain, cfg.prompts.ratio_for(source))
-            for location, record in iter_records(source, where):
+            for location, record in with_code_tests(iter_records(source, where), source, cfg.score.code, where):
                 counts["read"] += 1
                 try:
                     row = record_to_row(record, source)

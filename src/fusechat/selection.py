@@ -65,6 +65,11 @@ class Selection:
     excluded: Counter = field(default_factory=Counter)  # reason -> responses
     verified: dict[str, str] = field(default_factory=dict)  # domain -> "math"/"code"/"inferred"
     candidate_margins: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # For per-domain and per-source stats: per candidate, the reason it was excluded ("" if usable) and whether
+    # it may be chosen; per prompt, the reason it was dropped ("" if kept).
+    excluded_reason: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    acceptable: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    dropped_reason: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
 
 
 def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: int) -> Selection:
@@ -109,10 +114,12 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
         ("unverified", row_verified & ~correct_known),
     )
     usable = np.ones(len(reward), dtype=bool)
+    excluded_reason = np.full(len(reward), "", dtype=object)
     for reason, mask in reasons:
         hit = usable & mask
         if hit.any():
             excluded[reason] = int(hit.sum())
+            excluded_reason[hit] = reason
         usable &= ~mask
     chosen_ok = usable & (~row_verified | correct)
     rejected_ok = usable & (~row_verified | ~correct)
@@ -125,6 +132,7 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
     sft_only = np.array([name in rules.sft_only_domains for name in domain_names], dtype=bool)
 
     dropped: dict[str, Counter] = {"sft": Counter(), "dpo": Counter()}
+    why = np.full(n_prompts, "", dtype=object)  # the reason each dropped prompt was dropped
     prompt_ids = prompts.column("prompt_id")
     domain_arr = prompts.column("domain")
 
@@ -142,6 +150,7 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
             "no_acceptable_response": chosen_ok,
         },
         n_prompts,
+        why,
     )
     best = best[np.argsort(p[best], kind="stable")]
     sft = pa.table(
@@ -173,7 +182,7 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
     # Inclusive, with float slack: 0.51 - 0.41 is 0.10000000000000003 and belongs to a [0.01, 0.1] band.
     in_band = (margin >= low - BAND_SLACK) & (margin <= high + BAND_SLACK)
     dpo_prompts = np.flatnonzero(split_of_prompt == "dpo")
-    _add(dropped["dpo"], "sft_only_domain", int(sft_only[d_of_prompt[dpo_prompts]].sum()))
+    _drop(dropped["dpo"], why, dpo_prompts[sft_only[d_of_prompt[dpo_prompts]]], "sft_only_domain")
     pair_p = p[chosen]
     has_pair, has_band, any_below, any_above = (np.zeros(n_prompts, dtype=bool) for _ in range(4))
     has_pair[pair_p] = True
@@ -191,13 +200,14 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
             "no_rejected_response": rejected_ok,  # verified domains: every response correct
         },
         n_prompts,
+        why,
     )
     # Both kinds exist, but never in one source (or each source has a single response).
-    _add(dropped["dpo"], "no_same_source_pair", int((~has_pair[out]).sum()))
+    _drop(dropped["dpo"], why, out[~has_pair[out]], "no_same_source_pair")
     out = out[has_pair[out] & ~has_band[out]]
-    _add(dropped["dpo"], "margin_below_band", int((any_below[out] & ~any_above[out]).sum()))
-    _add(dropped["dpo"], "margin_above_band", int((any_above[out] & ~any_below[out]).sum()))
-    _add(dropped["dpo"], "margin_outside_band", int((any_above[out] & any_below[out]).sum()))
+    _drop(dropped["dpo"], why, out[any_below[out] & ~any_above[out]], "margin_below_band")
+    _drop(dropped["dpo"], why, out[any_above[out] & ~any_below[out]], "margin_above_band")
+    _drop(dropped["dpo"], why, out[any_above[out] & any_below[out]], "margin_outside_band")
 
     keep = np.flatnonzero(in_band)
     source_key = _mix(prompt_hash[pair_p[keep]] ^ source_hash[s[chosen[keep]]])
@@ -230,6 +240,9 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
         excluded=excluded,
         verified=dict(sorted(verified.items())),
         candidate_margins=np.sort(margin),
+        excluded_reason=excluded_reason,
+        acceptable=chosen_ok,
+        dropped_reason=why,
     )
 
 
@@ -308,7 +321,12 @@ def _source_hashes(sources: pa.Array) -> np.ndarray:
 
 
 def _count_missing(
-    counter: Counter, prompts: np.ndarray, p: np.ndarray, stages: dict[str, np.ndarray], n_prompts: int
+    counter: Counter,
+    prompts: np.ndarray,
+    p: np.ndarray,
+    stages: dict[str, np.ndarray],
+    n_prompts: int,
+    why: np.ndarray,
 ) -> np.ndarray:
     """Count prompts (of `prompts`) that have no row in the first mask, else none in the next, and so on: each
     dropped prompt is counted once, under the first requirement it fails. Returns the prompts that pass all."""
@@ -317,9 +335,15 @@ def _count_missing(
         present = np.zeros(n_prompts, dtype=bool)
         present[p[mask]] = True
         fails = alive & ~present[prompts]
-        _add(counter, reason, int(fails.sum()))
+        _drop(counter, why, prompts[fails], reason)
         alive &= ~fails
     return prompts[alive]
+
+
+def _drop(counter: Counter, why: np.ndarray, prompts: np.ndarray, reason: str) -> None:
+    """Count `prompts` as dropped for `reason` and note the reason on each."""
+    _add(counter, reason, len(prompts))
+    why[prompts] = reason
 
 
 def _add(counter: Counter, key: str, n: int) -> None:

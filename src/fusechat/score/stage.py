@@ -5,7 +5,8 @@ score rows plus per-scorer timings. Shell: `run_score` checks everything it can 
 versions, reward-model config, references of verified domains), then scores chunks of the samples version in a
 resumable partial version (`fusechat.shards`), `--shard I/N` taking every N-th chunk.
 
-Row verdict: the scorers' verdicts in route order, e.g. `reward:ok,math:correct` or `reward:truncated,code:timeout`.
+Row verdict: the scorers' verdicts in route order, e.g. `reward:ok,math:correct` or `reward:truncated,code:timeout`;
+code verdicts name the step that failed (`code:syntax_error`, `code:undefined_name`, `code:fail`, see `sandbox.py`).
 The reward model's own: `ok`, `truncated` (the response's tail was cut to fit `max_length`), `prompt_too_long` (the
 prompt alone fills the window: reward null), `error` / `out_of_memory` (the row failed alone: reward null).
 No single row fails a chunk: a scorer call that raises is retried one row at a time, and a row that still raises
@@ -55,7 +56,8 @@ SAMPLE_COLUMNS = ["prompt_id", "source", "sample_index", "text"]
 TIMINGS_KEY = b"fusechat.scorer_timings"
 WORKER_KEY = b"fusechat.worker"  # which process scored a chunk: host, pid, device
 MATH_OK = {"correct": True, "wrong": False, "no_answer": False, "timeout": False}
-CODE_OK = {"pass": True, "fail": False, "timeout": False}
+# The other code verdicts (no_tests, bad_tests, error) decide nothing: `correct` stays null.
+CODE_OK = {"pass": True, "fail": False, "timeout": False, "syntax_error": False, "undefined_name": False}
 
 
 # --------------------------------------------------------------------------------------------- pure core
@@ -264,7 +266,8 @@ class PromptIndex:
                 if has == 0:
                     raise UserError(
                         f"score.routes.{domain}: routed to the {scorer} verifier, but none of its prompts "
-                        f"has a reference {key} (map one with prompts.sources[].fields.{field})"
+                        f"has a reference {key} (map one with prompts.sources[].fields.{field}"
+                        + (", or make them with prompts.sources[].code_tests)" if scorer == "code" else ")")
                     )
 
 
@@ -274,6 +277,7 @@ def stage_config(cfg: FusechatConfig) -> dict[str, Any]:
     from fusechat.score.reward_model import identity
     from fusechat.score.sandbox import isolation
 
+    routes_code = any("code" in route for route in [cfg.score.default_route, *cfg.score.routes.values()])
     score = cfg.score.model_dump(mode="json")
     if score["reward_model"]:
         for speed_only in ("batch_size", "batch_tokens", "workers"):
@@ -283,7 +287,7 @@ def stage_config(cfg: FusechatConfig) -> dict[str, Any]:
     return {
         "score": score,
         "reward_model": identity(cfg.score.reward_model) if cfg.score.reward_model else None,
-        "sandbox": isolation(),
+        "sandbox": isolation(cfg.score.code) if routes_code else None,
     }
 
 
@@ -308,7 +312,12 @@ def run_score(
     sample_rows = SampleRows(samples)
     index = PromptIndex(prompts)
     index.check_references(cfg.score)
-    domain = needs_reward(cfg, set(index.table.column("domain").to_pylist()))
+    domains = set(index.table.column("domain").to_pylist())
+    if any("code" in route_for(cfg.score, d) for d in domains):
+        from fusechat.score.sandbox import require_isolation
+
+        require_isolation(cfg.score.code)  # before any model loads: refuse code routes the machine cannot isolate
+    domain = needs_reward(cfg, domains)
     if domain is not None:
         if cfg.score.reward_model is None:
             raise UserError(f"score.reward_model: not set, but the route of domain {domain!r} includes 'reward'")
