@@ -4,6 +4,7 @@ missing pieces and failing figures, and the small demo's page in headless Chromi
 from __future__ import annotations
 
 import base64
+import html as htmllib
 import io
 import json
 import re
@@ -140,10 +141,48 @@ def synthetic_run(root: Path, *, domain_column: bool = True, token_columns: bool
                 },
             },
         },
-        # A per domain x source breakdown in a layout this code never saw: shown as a table, whatever its keys.
-        "by_domain_source": {
-            "math": {"a": {"prompts": 4, "acceptable": 2, "dropped": {"too_long": 1}}, "b": {"prompts": 4}},
+        # build's per domain breakdown (and per source, per prompt dataset within it), plus a key added later.
+        "domains": {
+            "math": {
+                "prompts": {"sft": 2, "dpo": 2},
+                "candidates": 16,
+                "acceptable": 8,
+                "sft_rows": 2,
+                "dpo_pairs": 1,
+                "excluded_responses": {"truncated": 3},
+                "dropped_prompts": {"sft": {}, "dpo": {"margin_below_band": 1}},
+                "dropped_rows": {"sft": {}, "dpo": {}},
+                "a_count_added_later": 5,
+                "by_source": {
+                    "a": {
+                        "prompts": 4,
+                        "candidates": 8,
+                        "acceptable": 6,
+                        "sft_rows": 1,
+                        "dpo_pairs": 1,
+                        "excluded_responses": {"truncated": 3},
+                    },
+                    "b": {
+                        "prompts": 4,
+                        "candidates": 8,
+                        "acceptable": 2,
+                        "sft_rows": 1,
+                        "dpo_pairs": 0,
+                        "excluded_responses": {},
+                    },
+                },
+                "by_origin": {
+                    "gsm": {
+                        "prompts": {"sft": 2, "dpo": 2},
+                        "sft_rows": 2,
+                        "dpo_pairs": 1,
+                        "dropped_prompts": {"margin_below_band": 1},
+                    },
+                },
+            },
+            "code": {"prompts": {"sft": 2, "dpo": 2}, "candidates": 16, "acceptable": 0, "sft_rows": 0, "dpo_pairs": 0},
         },
+        "warnings": ["domain 'code' yields 0 SFT rows and 0 DPO pairs from 4 prompts (16 responses, 0 acceptable)"],
     }
     datasets = make_version(
         store,
@@ -201,6 +240,7 @@ def test_report_of_a_synthetic_run_has_every_section_and_figure(tmp_path):
         "prompts per domain and split",
         "reward distribution per source and domain",
         "SFT win share per source and domain",
+        "acceptable share per source and domain",
         "DPO margin histogram",
         "chosen vs rejected lengths",
         "drop reasons per stage",
@@ -213,7 +253,7 @@ def test_report_of_a_synthetic_run_has_every_section_and_figure(tmp_path):
         assert img.width >= 500 and img.height >= 200, (alt, img.size)
     assert "http://" not in html and "https://" not in html and "<script" not in html
     # Drops: per-source prompt drops summed, sample and score flags, every stats.json reason (also unknown ones).
-    text = re.sub(r"<[^>]+>", "|", html)
+    text = htmllib.unescape(re.sub(r"<[^>]+>", "|", html))
     assert "|prompts||duplicate||3||prompts||same domain and text as an earlier prompt||a: 2, b: 1|" in text
     assert "|samples||finish_length||3||responses|" in text
     assert "|samples||skipped_too_long||1||prompts|" in text
@@ -221,8 +261,18 @@ def test_report_of_a_synthetic_run_has_every_section_and_figure(tmp_path):
     assert "|score (flagged)||verdict reward:error||1||responses|" in text
     assert "|build (dpo)||a_reason_added_later||7||prompts|" in text
     assert "|build (responses)||null_reward||1||responses|" in text
-    # The unknown per domain x source breakdown, flattened.
-    assert "stats.json by_domain_source" in html and "|dropped.too_long|" in text
+    assert (
+        "|build (responses)||truncated||3||responses||cut at max_tokens (build), or longer than the reward model's window (score)||a: 3|"
+        in text
+    )
+    assert "|build (dpo)||margin_below_band||1||prompts||every same-source gap below build.margin||math: 1|" in text
+    # build's per domain x source counts, whatever keys they have; its warnings; what each prompt dataset yielded.
+    assert "|math||all||2 / 2||16||8||50.0%||2||1|||truncated=3||||dpo: margin_below_band=1|||–||5|" in text
+    assert "|||a||4||8||6||75.0%||1||1|||truncated=3|||" in text
+    assert "|code||all||2 / 2||16||0||0.0%||0||0|" in text
+    assert '<p class="warning">build: domain &#x27;code&#x27; yields 0 SFT rows' in html
+    assert "|math||gsm||2 / 2||2||1|||margin_below_band=1|||" in text
+    assert "|a||9||6||2||1|" in text  # prompts: read, kept, dropped_duplicate, dropped_empty
     # Eval: before / after SFT / after DPO with deltas, as the comparison computes them (in %).
     assert "|gsm8k||25.0||50.0||75.0|||+25.0||||+50.0||" in text
     assert "every evaluated model" in html and "|a (eval/v004)|" in text
@@ -263,7 +313,7 @@ def test_a_figure_or_section_that_fails_is_one_line(tmp_path, monkeypatch):
         "reward distribution per source and domain: could not be drawn (RuntimeError: no fonts today)",
         "DPO pairs: margins and lengths: could not be built (RuntimeError: no fonts today)",
     ]
-    assert len(images(html)) == 6  # the nine figures but these three
+    assert len(images(html)) == 7  # the ten figures but these three
     assert re.findall(r'<section id="([a-z]+)">', html) == SECTIONS
 
 
@@ -361,7 +411,7 @@ def test_demo_report_renders_in_headless_chromium(small_demo, chromium):
         found = browser.page_report(report, screenshot=cwd / "report.png", pdf=cwd / "report.pdf")
     assert [s["id"] for s in found["sections"]] == SECTIONS
     assert all(not s["notes"] for s in found["sections"]), [s["notes"] for s in found["sections"]]
-    assert len(found["images"]) == 9
+    assert len(found["images"]) == 10
     for img in found["images"]:
         assert img["decoded"] and img["complete"], img
         assert img["width"] >= 500 and img["height"] >= 200, img  # natural size of the PNG

@@ -112,6 +112,8 @@ def summary_section(run: Run) -> list[str]:
     ]
     if sources:
         parts.append(f"<p>Sources: {esc(', '.join(sources))}.</p>")
+    for warning in run.stats.get("warnings") or []:
+        parts.append(f'<p class="warning">build: {esc(warning)}</p>')
     if not v:
         parts.append(note(f"no complete version in {run.store.root}: run the pipeline first"))
     return parts
@@ -124,7 +126,7 @@ def prompts_section(run: Run) -> list[str]:
     splits = plots.split_order({s for c in by_domain.values() for s in c})
     rows = [[d, *(c.get(s, 0) for s in splits), sum(c.values())] for d, c in by_domain.items()]
     rows.append(["total", *(sum(c.get(s, 0) for c in by_domain.values()) for s in splits), sum(r[-1] for r in rows)])
-    return [
+    parts = [
         figure(
             "prompts per domain and split",
             lambda: plots.prompts_plot(by_domain),
@@ -133,6 +135,21 @@ def prompts_section(run: Run) -> list[str]:
         ),
         table(["domain", *splits, "total"], rows, cls="compact"),
     ]
+    read_kept = read.dig(run.versions["prompts"].manifest, "counts", "by_source")
+    if isinstance(read_kept, dict) and read_kept:
+        rows = [{"prompt dataset": name, **c} for name, c in read_kept.items() if isinstance(c, dict)]
+        parts.append(counts_table(rows, "per prompt dataset: records read, prompts kept, records dropped", set()))
+    domains = run.stats.get("domains")
+    if isinstance(domains, dict):
+        rows = [
+            {"domain": name, "prompt dataset": origin, **c}
+            for name, d in domains.items()
+            for origin, c in ((d.get("by_origin") or {}) if isinstance(d, dict) else {}).items()
+        ]
+        if rows:
+            caption = "what each prompt dataset yielded (build's stats.json; prompts: sft / dpo)"
+            parts.append(counts_table(rows, caption, set()))
+    return parts
 
 
 def rewards_section(run: Run) -> list[str]:
@@ -160,7 +177,8 @@ def rewards_section(run: Run) -> list[str]:
             "reward distribution per source and domain",
             lambda: plots.rewards_plot(groups, run.colors),
             f"Reward of every scored response of {run.versions['scores'].ref} ({len(rewards.reward):,}), per "
-            "domain; one outline per source (density, so sources with different sample counts compare).",
+            "domain; one outline per source (density, so sources with different sample counts compare), over the "
+            "0.5-99.5th percentiles of the domain's rewards.",
         ),
         table(
             ["domain", "source", "responses", "reward p10", "median", "p90", "verified correct"], rows, cls="compact"
@@ -201,56 +219,82 @@ def wins_section(run: Run) -> list[str]:
         ),
         table(["domain (sft / dpo)", *sources], rows, cls="compact"),
     ]
-    parts += breakdown_tables(run.stats)
+    domains = run.stats.get("domains")
+    if not isinstance(domains, dict) or not domains:
+        parts.append(note(f"{d.ref}: stats.json has no per domain and source counts (`domains`; an older build)"))
+        return parts
+    sources = sorted({s for x in domains.values() for s in (x.get("by_source") or {})})
+    shares, labels = [], []
+    for x in domains.values():
+        by_source = x.get("by_source") or {}
+        row, text = [], []
+        for source in sources:
+            c = by_source.get(source, {})
+            n, ok = c.get("candidates", 0), c.get("acceptable", 0)
+            row.append(ok / n if n else np.nan)
+            text.append(f"{ok / n:.0%}\n{ok:,}/{n:,}" if n else "–")
+        shares.append(row)
+        labels.append(text)
+    if sources and any("acceptable" in c for x in domains.values() for c in (x.get("by_source") or {}).values()):
+        parts.append(
+            figure(
+                "acceptable share per source and domain",
+                lambda: plots.heatmap_plot(
+                    list(domains), sources, np.array(shares, float), labels, "acceptable responses / responses"
+                ),
+                "Share of each source's responses that may be chosen (usable and, in verified domains, correct), "
+                "per domain: where each source is strong.",
+            )
+        )
+    rows = []
+    for name, x in domains.items():
+        rows.append({"domain": name, "source": "all", **x})
+        rows += [{"domain": "", "source": source, **c} for source, c in (x.get("by_source") or {}).items()]
+    caption = f"{d.ref} stats.json: per domain, and per source within it (prompts: sft / dpo; a source's: answered)"
+    parts.append(counts_table(rows, caption, skip={"by_source", "by_origin"}))
     return parts
 
 
-def breakdown_tables(stats: dict[str, Any]) -> list[str]:
-    """Build's per-domain x source counts, whatever keys stats.json has: each `by_domain_source` mapping whose
-    values are mappings of counts becomes a table (domain, source, one column per key)."""
-    out = []
-    for path, data in _nested_count_maps(stats):
-        keys: list[str] = []
-        rows = []
-        for domain, by_source in sorted(data.items()):
-            for source, counts in sorted(by_source.items()):
-                flat = _flatten(counts)
-                keys += [k for k in flat if k not in keys]
-                rows.append((domain, source, flat))
-        if keys:
-            out.append(
-                table(
-                    ["domain", "source", *keys],
-                    [[d, s, *(f.get(k, 0) for k in keys)] for d, s, f in rows],
-                    caption=f"stats.json {'.'.join(path)}",
-                    cls="compact wide",
+def counts_table(rows: list[dict[str, Any]], caption: str, skip: set[str]) -> str:
+    """Rows of counts with whatever keys they have: numbers as columns (plus the acceptable share when both counts
+    exist), `{sft: n, dpo: m}` as "n / m", mappings of reasons (excluded, dropped) as one "reason=n" a line."""
+    header: list[str] = []
+    cells: list[dict[str, Any]] = []
+    for r in rows:
+        out: dict[str, Any] = {}
+        for key, value in r.items():
+            if key in skip:
+                continue
+            if (
+                isinstance(value, dict)
+                and value
+                and set(value) <= {"sft", "dpo"}
+                and all(isinstance(v, int) for v in value.values())
+            ):
+                out[key] = " / ".join(f"{value.get(k, 0):,}" for k in ("sft", "dpo"))
+            elif isinstance(value, dict):
+                lines = reason_lines(value)
+                out[key] = (
+                    ("html", f'<span class="reasons">{"<br>".join(esc(x) for x in lines)}</span>') if lines else "–"
                 )
-            )
-    return out
+            else:
+                out[key] = value
+            if key == "acceptable" and isinstance(value, int) and isinstance(r.get("candidates"), int):
+                out["acceptable %"] = f"{100 * value / r['candidates']:.1f}%" if r["candidates"] else "–"
+        header += [k for k in out if k not in header]
+        cells.append(out)
+    body = ([c.get(k, "") for k in header] for c in cells)
+    return '<div class="scroll">' + table([h.replace("_", " ") for h in header], body, caption=caption) + "</div>"
 
 
-def _nested_count_maps(data: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dict]]:
-    found = []
-    if not isinstance(data, dict):
-        return found
-    for key, value in data.items():
-        if key == "by_domain_source" and isinstance(value, dict):
-            inner = [c for by_source in value.values() if isinstance(by_source, dict) for c in by_source.values()]
-            if inner and all(isinstance(c, dict) for c in inner):
-                found.append(((*path, key), value))
-        elif isinstance(value, dict):
-            found += _nested_count_maps(value, (*path, key))
-    return found
-
-
-def _flatten(counts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
+def reason_lines(counts: dict[str, Any], prefix: str = "") -> list[str]:
+    lines = []
     for k, v in counts.items():
         if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        elif isinstance(v, int | float):
-            flat[f"{prefix}{k}"] = v
-    return flat
+            lines += reason_lines(v, f"{prefix}{k}: ")
+        elif isinstance(v, int | float) and v:
+            lines.append(f"{prefix}{k}={fmt(v)}")
+    return lines
 
 
 def dpo_section(run: Run) -> list[str]:
@@ -322,6 +366,10 @@ MEANINGS = {
     "sft_only_domain": "domain in build.sft_only_domains",
     "too_long": "longer than build.max_length in the target's tokens",
     "identical_texts": "chosen and rejected texts are the same",
+    "no_tests": "no tests found for the code prompt",
+    "unparseable_tests": "its tests do not parse",
+    "no_solution": "no solution in the dataset to check the tests with",
+    "solution_fails": "the dataset's own solution fails the tests",
 }
 
 
@@ -329,6 +377,11 @@ VERDICTS = {
     "wrong": "the verifier judged the answer wrong: it may be rejected, never chosen",
     "fail": "the code failed its tests: it may be rejected, never chosen",
     "no_answer": "no final answer found to check",
+    "syntax_error": "the code does not parse: it may be rejected, never chosen",
+    "undefined_name": "the code uses a name it never defines: it may be rejected, never chosen",
+    "no_tests": "no tests to run: decides nothing",
+    "bad_tests": "the reference tests do not parse: decides nothing",
+    "no_reference": "no reference answer or tests: decides nothing",
     "error": "the scorer failed on this response",
     "timeout": "the check ran out of time",
     "truncated": "longer than the reward model's window: it saw only the start",
@@ -359,7 +412,8 @@ def drops_section(run: Run) -> list[str]:
                 "the table).",
             )
         )
-    parts.append(table(["stage", "reason", "count", "counted in", "meaning", "per source"], rows, cls="compact wide"))
+    header = ["stage", "reason", "count", "counted in", "meaning", "per source (build: per domain)"]
+    parts.append(table(header, rows, cls="compact wide"))
     return parts
 
 
@@ -548,7 +602,9 @@ table.wide { width: 100%; } caption { text-align: left; color: #555; padding-bot
 th, td { border-bottom: 1px solid #e4e4e4; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; font-weight: 600; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.lineage td { font-size: 0.92em; word-break: break-word; }
+.scroll { overflow-x: auto; } .reasons { font-size: 0.9em; white-space: nowrap; }
 table.eval td:not(:first-child) { text-align: right; font-variant-numeric: tabular-nums; }
+.warning { color: #8a1c12; background: #fdecea; border-left: 3px solid #d93025; padding: 4px 8px; margin: 8px 0; }
 .note { color: #8a4b00; background: #fff6e5; border-left: 3px solid #e0a030; padding: 4px 8px; margin: 8px 0; }
 .tiles { display: flex; gap: 12px; flex-wrap: wrap; margin: 8px 0; }
 .tile { border: 1px solid #ddd; border-radius: 6px; padding: 8px 14px; min-width: 120px; }
@@ -557,6 +613,7 @@ table.eval td:not(:first-child) { text-align: right; font-variant-numeric: tabul
 @media print {
   body { max-width: none; font-size: 11px; } nav { display: none; }
   section, figure, table { break-inside: avoid; } h2 { break-after: avoid; }
+  .scroll { overflow: visible; } .reasons { white-space: normal; }
   .note { background: none; }
 }
 """

@@ -63,8 +63,11 @@ def prompts_plot(by_domain: dict[str, dict[str, int]]) -> Figure:
 
 def rewards_plot(groups: dict[str, dict[str, np.ndarray]], colors: dict[str, Any]) -> Figure:
     """One panel per domain: each source's reward histogram (density, 40 bins over the domain's 0.5-99.5th
-    percentiles; values outside are clipped to the edges), its response count in the legend."""
+    percentiles, the tails left out), one legend for all."""
+    from matplotlib.lines import Line2D
+
     fig, axes = _grid(len(groups), len(groups) if len(groups) <= 4 else 3, 2.6)
+    seen: list[str] = []
     for ax, (domain, by_source) in zip(axes, groups.items(), strict=True):
         finite = [v[np.isfinite(v)] for v in by_source.values()]
         every = np.concatenate(finite) if finite else np.zeros(0)
@@ -78,20 +81,14 @@ def rewards_plot(groups: dict[str, dict[str, np.ndarray]], colors: dict[str, Any
         for source, values in by_source.items():
             v = values[np.isfinite(values)]
             if len(v):
-                ax.hist(
-                    np.clip(v, low, high),
-                    bins=edges,
-                    density=True,
-                    histtype="step",
-                    linewidth=1.6,
-                    color=colors.get(source),
-                    label=f"{source} ({len(v):,})",
-                )
+                ax.hist(v, bins=edges, density=True, histtype="step", linewidth=1.6, color=colors.get(source))
+                seen += [source] if source not in seen else []
         ax.set_title(domain)
         ax.set_xlabel("reward")
-        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("density")
+    handles = [Line2D([], [], color=colors.get(s), linewidth=1.6) for s in sorted(seen)]
+    fig.legend(handles, sorted(seen), loc="outside lower center", ncols=min(len(seen), 6), fontsize=8)
     return fig
 
 
@@ -121,6 +118,24 @@ def share_plot(panels: dict[str, dict[str, dict[str, int]]], colors: dict[str, A
     axes[0].invert_yaxis()
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(sources), 6), fontsize=8)
+    return fig
+
+
+def heatmap_plot(
+    rows: list[str], columns: list[str], values: np.ndarray, labels: list[list[str]], title: str
+) -> Figure:
+    """A share (0-1, nan: none) per row and column, each cell labelled."""
+    fig = Figure(figsize=(WIDTH, 1.0 + 0.5 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="Greens", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            dark = np.isfinite(values[i, j]) and values[i, j] > 0.6
+            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    ax.set_xticks(range(len(columns)), columns, rotation=20 if len(columns) > 4 else 0)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, format="{x:.0%}", shrink=0.8)
     return fig
 
 

@@ -243,8 +243,26 @@ def drops(versions: dict[str, Version], stats: dict[str, Any] | None) -> list[Dr
                 u = {"too_long": "rows" if path[:1] == ["sft"] else "pairs", "identical_texts": "pairs"}.get(
                     reason, unit
                 )
-                out.append(Drop(f"build ({where})", reason, int(n), u))
+                out.append(Drop(f"build ({where})", reason, int(n), u, _build_detail(stats or {}, where, reason)))
     return out
+
+
+def _build_detail(stats: dict[str, Any], where: str, reason: str) -> str:
+    """From stats.json's per domain breakdown (`domains`), when it has one: an excluded response's reason per
+    source, a dropped prompt's (or row's) per domain."""
+    domains = stats.get("domains")
+    if not isinstance(domains, dict):
+        return ""
+    per: Counter = Counter()
+    for name, d in domains.items():
+        if not isinstance(d, dict):
+            continue
+        if where == "responses":
+            for source, c in (d.get("by_source") or {}).items():
+                per[source] += (dig(c, "excluded_responses", reason) or 0) if isinstance(c, dict) else 0
+        else:
+            per[name] += (dig(d, "dropped_prompts", where, reason) or 0) + (dig(d, "dropped_rows", where, reason) or 0)
+    return ", ".join(f"{k}: {n:,}" for k, n in per.items() if n)
 
 
 def _per_source(stage: str, per_source: dict, is_drop, unit: str, units: dict[str, str] | None = None) -> list[Drop]:
