@@ -355,7 +355,7 @@ def run(
 ) -> None:
     """Every stage in order (prompts, sample, score, build, sft, dpo, eval), each skipped when cached; stops at
     the first error with the stage named. Evaluates the target before fusion, after SFT and after DPO, and prints
-    the scores and deltas per benchmark."""
+    the scores and deltas per benchmark. Ends by writing the run's report.html (see `fusechat report`)."""
     from fusechat.eval.compare import comparison, fusion_columns
     from fusechat.pipeline import run_pipeline
 
@@ -401,7 +401,8 @@ def demo(
     set_: SetOpt = None,
 ) -> None:
     """Build the tiny demo world under runs/ (cached) and run the whole pipeline on it on CPU: three specialist
-    sources, a weak target, SFT then DPO; prints held-out accuracy per skill for every model."""
+    sources, a weak target, SFT then DPO; prints held-out accuracy per skill for every model and writes
+    runs/demo/report.html."""
     from fusechat.demo.run import run_demo
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

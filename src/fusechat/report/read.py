@@ -186,12 +186,15 @@ def read_pairs(datasets: Version) -> Pairs:
         return Pairs(
             margin, table.column("chosen_tokens").to_numpy(), table.column("rejected_tokens").to_numpy(), "tokens"
         )
-    lengths = []
-    for side in ("chosen", "rejected"):
-        col = dataset.to_table(columns=[side]).column(side)
-        content = pc.struct_field(pc.list_flatten(col), "content")  # one assistant message per side
-        lengths.append(pc.utf8_length(content).to_numpy(zero_copy_only=False))
-    return Pairs(margin, lengths[0], lengths[1], "characters")
+    lengths: dict[str, list[np.ndarray]] = {"chosen": [], "rejected": []}
+    for batch in dataset.to_batches(columns=["chosen", "rejected"], batch_size=4096):  # texts a batch at a time
+        for side, out in lengths.items():
+            turns = batch.column(side)  # the assistant message(s) of each pair
+            chars = pc.utf8_length(pc.struct_field(pc.list_flatten(turns), "content")).fill_null(0).to_numpy()
+            pair = np.repeat(np.arange(len(turns)), pc.list_value_length(turns).fill_null(0).to_numpy())
+            out.append(np.bincount(pair, weights=chars, minlength=len(turns)).astype(np.int64))
+    chosen, rejected = (np.concatenate(v) if v else np.zeros(0, int) for v in lengths.values())
+    return Pairs(margin, chosen, rejected, "characters")
 
 
 def margin_band(datasets: Version, stats: dict[str, Any]) -> tuple[float, float] | None:
