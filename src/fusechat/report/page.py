@@ -627,9 +627,6 @@ def write_report(store: RunStore, *, pinned: dict[str, str] | None = None, out: 
         raise UserError(f"--input {unknown[0]}=...: the report shows {', '.join(reversed(read.LINEAGE_ORDER))}")
     if not store.root.is_dir():
         raise UserError(f"{store.root}: no run directory; run the pipeline first (or check workdir and name)")
-    import matplotlib
-
-    matplotlib.use("Agg")  # never a display, also when a pyplot user imported another backend first
     versions = read.lineage(store, pinned)
     stats = read.read_stats(versions["datasets"]) if "datasets" in versions else {}
     sources: set[str] = set()

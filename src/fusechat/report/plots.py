@@ -1,5 +1,6 @@
-"""The report's figures: plain numbers in, a matplotlib Figure out (no pyplot, so no global state and no display),
-and `png` to embed one. Sources keep one colour across every figure."""
+"""The report's figures: plain numbers in, a matplotlib Figure out, and `png` to embed one. No pyplot: a bare Figure
+saves through the Agg renderer, so there is no global state, no backend to choose and no display. Sources keep one
+colour across every figure."""
 
 from __future__ import annotations
 
