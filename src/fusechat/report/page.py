@@ -602,7 +602,7 @@ table.wide { width: 100%; } caption { text-align: left; color: #555; padding-bot
 th, td { border-bottom: 1px solid #e4e4e4; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; font-weight: 600; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.lineage td { font-size: 0.92em; word-break: break-word; }
-.scroll { overflow-x: auto; } .reasons { font-size: 0.9em; white-space: nowrap; }
+.scroll { overflow-x: auto; } .scroll td:nth-child(-n+2) { white-space: nowrap; } .reasons { font-size: 0.9em; white-space: nowrap; }
 table.eval td:not(:first-child) { text-align: right; font-variant-numeric: tabular-nums; }
 .warning { color: #8a1c12; background: #fdecea; border-left: 3px solid #d93025; padding: 4px 8px; margin: 8px 0; }
 .note { color: #8a4b00; background: #fff6e5; border-left: 3px solid #e0a030; padding: 4px 8px; margin: 8px 0; }

@@ -280,7 +280,7 @@ def eval_plot(header: list[str], rows: list[list[Any]], models: int) -> Figure:
         ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.1f}" for v in values], fontsize=7, padding=1)
     ax.set_xticks(x, [r[0] for r in rows])
     ax.set_ylabel("score")
-    ax.legend(fontsize=8, ncols=min(len(labels), 4))
+    fig.legend(fontsize=8, ncols=min(len(labels), 4), loc="outside lower center")
     ax.margins(y=0.15)
     ax.grid(axis="y", alpha=0.3)
     return fig
