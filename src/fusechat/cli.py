@@ -130,6 +130,11 @@ def prompts(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> 
         console.print(f"  {domain}: " + ", ".join(f"{k}={v}" for k, v in sorted(splits.items())))
     for source, counts in version.manifest["counts"].get("by_source", {}).items():
         console.print(f"  {source}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    for source, strata in version.manifest["counts"].get("strata", {}).items():
+        console.print(
+            f"  {source} kept/available per stratum: "
+            + ", ".join(f"{k}={v['kept']}/{v['available']}" for k, v in strata.items())
+        )
 
 
 @app.command()

@@ -34,11 +34,19 @@ class FieldMap(Section):
     system: str | None = None
     answer: str | None = None
     tests: str | None = None
+    # A column of existing answers (e.g. OpenMathInstruct-2's generated_solution): kept per prompt (up to the
+    # source's max_responses) for a `sources[]` entry with `engine: dataset`
+    response: str | None = None
+    # The prompt text holds several turns, each after its role's marker, e.g. HelpSteer2's
+    # {user: "<extra_id_1>User", assistant: "<extra_id_1>Assistant"}; the text before the first marker is a user turn
+    turn_markers: dict[Literal["user", "assistant", "system"], str] | None = None
 
     @model_validator(mode="after")
     def _one_prompt_field(self) -> FieldMap:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("set exactly one of prompt (text column) or messages (chat column)")
+        if self.turn_markers is not None and (self.prompt is None or not all(self.turn_markers.values())):
+            raise ValueError("turn_markers split a prompt text column: set prompt, and a non-empty marker per role")
         return self
 
 
@@ -63,9 +71,12 @@ class PromptSource(Section):
     subset: str | None = None  # hub dataset config name
     split: str = "train"
     revision: str | None = None
-    limit: int | None = Field(default=None, ge=1)
+    limit: int | None = Field(default=None, ge=1)  # a seeded random sample of this many prompts
+    stratify: str | None = None  # limit: each value of this column gets its proportional share (e.g. source)
     sft_ratio: float | None = Field(default=None, ge=0.0, le=1.0)  # overrides prompts.sft_ratio[domain]
     exclude: dict[str, list[Any]] = {}  # drop rows whose column value is listed, e.g. task_category: [Math]
+    exclude_topics: list[Literal["code", "math"]] = []  # drop prompts fusechat.topics' rule puts in these topics
+    max_responses: int = Field(default=8, ge=1)  # fields.response: answers kept per prompt
 
     @model_validator(mode="after")
     def _one_source_of_tests(self) -> PromptSource:
