@@ -108,6 +108,7 @@ def generate(root: Path, n_responses: int, max_length: int | None, seed: int = 0
                     "text": text,
                     "num_tokens": np.full(len(r), 500),
                     "finish_reason": np.where(rng.random(len(r)) < 0.03, "length", "stop"),
+                    "identical_samples": np.zeros(len(r), dtype=bool),
                 }
             )
             pq.write_table(table.cast(SAMPLES_SCHEMA), out / "data" / f"chunk-{b:05d}.parquet", row_group_size=16_384)

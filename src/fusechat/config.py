@@ -126,8 +126,10 @@ class SamplingParams(Section):
 
 class SourceModel(Section):
     name: str
-    model: str  # local dir or hub id
-    engine: Literal["vllm", "transformers"] = "vllm"
+    model: str | None = None  # local dir or hub id (none for engine: dataset)
+    # dataset: no model; the answers that prompt source `dataset` kept from its fields.response column
+    engine: Literal["vllm", "transformers", "dataset"] = "vllm"
+    dataset: str | None = None
     engine_args: dict[str, Any] = {}  # passed to vllm.LLM (tensor_parallel_size, max_model_len, dtype, ...)
     sampling: SamplingParams = SamplingParams()
     samples: dict[str, int] = {}  # domain -> k; a domain not listed gets default_samples
@@ -140,6 +142,15 @@ class SourceModel(Section):
 
     def k_for(self, domain: str) -> int:
         return self.samples.get(domain, self.default_samples)
+
+    @model_validator(mode="after")
+    def _model_or_dataset(self) -> SourceModel:
+        if self.engine == "dataset":
+            if self.dataset is None or self.model is not None:
+                raise ValueError("engine: dataset takes `dataset` (a prompt source with fields.response), no model")
+        elif self.model is None or self.dataset is not None:
+            raise ValueError(f"engine: {self.engine} takes `model` (a local directory or hub id), no dataset")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- score
@@ -319,6 +330,13 @@ class FusechatConfig(Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate source name(s): {', '.join(dup)}")
+        answered = [p.name for p in self.prompts.sources if p.fields.response]
+        for i, s in enumerate(self.sources):
+            if s.dataset is not None and s.dataset not in answered:
+                raise ValueError(
+                    f"sources[{i}].dataset: {s.dataset!r} is not a prompt source with fields.response "
+                    f"({', '.join(answered) or 'none has one'})"
+                )
         return self
 
     @property
