@@ -201,6 +201,9 @@ class BuildConfig(Section):
     drop_truncated: bool = True
     drop_empty: bool = True
     max_length: int | None = 2048  # prompt + response tokens of the target tokenizer
+    # a candidate over max_length: exclude (the next-best acceptable response wins) or truncate (it competes whole
+    # and is cut to fit when selected, as the paper's trainer did)
+    over_length: Literal["exclude", "truncate"] = "exclude"
     pairs_per_prompt: int = Field(default=1, ge=1)
     pair_source_rule: Literal["largest_margin", "highest_chosen", "random"] = "largest_margin"
 
