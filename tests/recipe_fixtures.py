@@ -161,13 +161,12 @@ def math_problems(n: int) -> list[tuple[str, str]]:
 
 def write_openmathinstruct2(path: Path, n: int = 6, solutions: int = 3, wrong_every: int = 0) -> Path:
     """`solutions` rows per problem (one row per generated solution, problems interleaved as in the shuffled
-    upstream file); with `wrong_every` k > 0, every k-th solution boxes a wrong answer."""
+    upstream file); with `wrong_every` k > 0, solution j of problem i boxes a wrong answer when (i + j) % k == 0,
+    so that a problem has right and wrong solutions (upstream they are nearly all right)."""
     rows = []
-    count = 0
     for j in range(solutions):
         for i, (problem, answer) in enumerate(math_problems(n)):
-            count += 1
-            boxed = str(int(answer) + 1) if wrong_every and count % wrong_every == 0 else answer
+            boxed = str(int(answer) + 1) if wrong_every and (i + j) % wrong_every == 0 else answer
             rows.append(
                 {
                     "problem": problem,
