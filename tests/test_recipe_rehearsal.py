@@ -5,8 +5,10 @@ on a CPU, with only what cannot run here swapped:
   turns, as the recipe's `system_role: merge` expects), Mistral, Qwen2 (both Qwen sources), Llama (the 70B source
   and the target), and a reward model in ArmoRM's layout;
 - hub dataset ids -> small synthetic files in the datasets' real layouts (`recipe_fixtures.py`, `code_fixtures.py`);
-- GPU settings (vLLM `engine_args`, tensor parallelism, bf16 sampling) -> the transformers engine; training's
-  8-process ZeRO-3 launch and global batch 128 -> one process, a few steps; 16 code workers -> 2.
+- GPU settings: vLLM's `engine_args` (tensor parallelism, GPU memory, bf16) -> a CPU context length for the Llama
+  source, which keeps the recipe's vLLM engine (the CPU build), and the transformers engine for the others (one vLLM
+  start is enough of this test's minutes); training's 8-process ZeRO-3 launch and global batch 128 -> one
+  process, a few steps; 16 code workers -> 2.
 
 Everything else (prompt fields, exclusions, limits, samples per domain, sampling parameters, score routes, the margin
 band, max_length, DPO loss) comes from the recipe, so a change to the recipe is tested here. The tiny sources are
@@ -104,6 +106,12 @@ def train_to_answer(path: Path, prompts: list[str], steps: int, seed: int) -> No
     model.save_pretrained(path)
 
 
+def vllm_runs_here() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
     from fusechat.demo.tiny import TinySpec, make_tiny, make_tiny_armorm
@@ -169,7 +177,10 @@ def rehearsal(tmp_path_factory):
         if source["engine"] == "dataset":
             continue
         source["model"] = str(models[family[source["name"]]])
-        source["engine"], source["engine_args"] = "transformers", {}
+        if source["name"] == "llama-3.1-70b-instruct" and vllm_runs_here():  # the recipe's engine, on CPU
+            source["engine_args"] = {"max_model_len": 512}
+        else:  # one vLLM start is enough of the minutes this test may take
+            source["engine"], source["engine_args"] = "transformers", {}
     cfg["score"]["reward_model"]["path"] = str(models["reward"])
     cfg["score"]["code"]["workers"] = 2
     from fusechat.score.sandbox import isolation
