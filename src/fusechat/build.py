@@ -322,7 +322,7 @@ class Fitting:
         """Bound `rows` (sorted candidate rows), and tokenize those whose bound exceeds `max_length`."""
         started = time.time()
         if self.prompt_bound is None:
-            self.prompt_bound = self.lengths.prompt_bounds(self.prompts.column("messages").to_pylist())
+            self.prompt_bound = self.lengths.prompt_bounds(self.prompts.column("messages"))
             self._time("prompt_bounds_s", started)
         started = time.time()
         if texts is None:
@@ -383,7 +383,7 @@ class Fitting:
         pick = np.sort(
             np.random.default_rng(self.cfg.seed).choice(len(rows), size=min(len(rows), SELF_CHECK), replace=False)
         )
-        turns = self.prompts.column("messages").take(self.p[rows[pick]]).to_pylist()
+        turns = self.prompts.column("messages").take(self.p[rows[pick]])
         self.lengths.self_check(turns, texts.take(pick).to_pylist(), self.log)
 
     def report(self) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -30,8 +29,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SENTINEL = "\x00fusechat-response\x00"
+UNBOUNDED = np.iinfo(np.int64).max // 4  # no bound: the conversation must be tokenized
 JUNCTION = 2  # pairs and pre-token starts the joins of template text and response may add, per join
 POOL_MIN = 4096  # conversations below this are counted in-process
 
@@ -149,36 +150,72 @@ class TargetLengths:
     def __init__(self, tokenizer: Any):
         self.tok = tokenizer
         self.merges = byte_level_merges(tokenizer)
-        specials = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
-        self.specials = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self.special_tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
         self.trusted = True  # the bound; False after a failed self-check
 
     # ------------------------------------------------------------------ bounds
-    def prompt_bounds(self, prompts: list[list[dict[str, str]]]) -> np.ndarray:
-        """Per prompt, an upper bound on the tokens of everything but the response: prompt turns and template."""
-        pieces, specials = [], []
-        for messages in prompts:
-            rendered = self.render([*messages, {"role": "assistant", "content": SENTINEL}])
-            if SENTINEL not in rendered:
-                return np.full(len(prompts), np.iinfo(np.int64).max // 4)  # a template that rewrites the response
-            text = rendered.replace(SENTINEL, "", 1)
-            segments = self.specials.split(text) if self.specials else [text]
-            specials.append(len(segments) - 1)
-            pieces.append(segments)
-        flat = pa.array([seg for segs in pieces for seg in segs], pa.string())
-        stats = text_stats(flat, self.merges)
-        owner = np.repeat(np.arange(len(pieces)), [len(segs) for segs in pieces])
-        per = [
-            np.bincount(owner, weights=getattr(stats, f), minlength=len(pieces))
-            for f in ("nbytes", "starts", "unmerged")
-        ]
-        n_seg = np.array([len(segs) for segs in pieces])
-        return np.asarray(specials) + self._bound(*per, n_seg + 1)
+    def prompt_bounds(self, prompts: list[list[dict[str, str]]] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Per prompt, an upper bound on the tokens of everything but the response: prompt turns and template. Each
+        special token is bounded as one byte of its own (it is one token). `prompts`: message lists, or an Arrow
+        column of them (then single user turns are bounded without rendering each: the template's text around
+        them is the same for all, once checked on a probe)."""
+        if isinstance(prompts, pa.ChunkedArray):
+            prompts = prompts.combine_chunks()
+        if not isinstance(prompts, pa.Array):
+            return self._rendered_bounds(prompts)
+        out = np.zeros(len(prompts), dtype=np.int64)
+        shape = self._single_turn_shape()
+        single = np.zeros(len(prompts), dtype=bool)
+        if shape is not None and len(prompts):
+            lengths = pc.list_value_length(prompts).fill_null(0).to_numpy(zero_copy_only=False)
+            flat = pc.list_flatten(prompts)
+            roles = flat.field("role").to_numpy(zero_copy_only=False)
+            offsets = prompts.offsets.to_numpy()[:-1] - prompts.offsets[0].as_py()
+            single = lengths == 1
+            single[single] = roles[offsets[single]] == "user"
+            content = flat.field("content").take(pa.array(offsets[single]))
+            s = text_stats(content, self.merges)
+            out[single] = shape + self._bound(s.nbytes, s.starts + 2 * JUNCTION, s.unmerged + 2 * JUNCTION, 2)
+        rest = np.flatnonzero(~single)
+        if len(rest):
+            out[rest] = self._rendered_bounds(prompts.take(pa.array(rest)).to_pylist())
+        return out
+
+    def _single_turn_shape(self) -> int | None:
+        """The bound of the template's own text around a single user turn and the response (None when the template
+        does not place the turn's text as it is: such prompts are rendered one by one)."""
+        probe = "\x00fusechat-prompt\x00"
+        rendered = self.render([{"role": "user", "content": probe}, {"role": "assistant", "content": SENTINEL}])
+        loose = self.render([{"role": "user", "content": f" x\n{probe} "}, {"role": "assistant", "content": SENTINEL}])
+        if rendered.count(probe) != 1 or rendered.count(SENTINEL) != 1:
+            return None
+        before, after = rendered.split(probe)
+        if loose not in (f"{before} x\n{probe} {after}", f"{before}x\n{probe}{after}"):
+            return None
+        return int(self._rendered_bounds_of([before + after.replace(SENTINEL, "", 1)])[0])
+
+    def _rendered_bounds(self, prompts: list[list[dict[str, str]]]) -> np.ndarray:
+        if not prompts:
+            return np.zeros(0, dtype=np.int64)
+        convs = [[*messages, {"role": "assistant", "content": SENTINEL}] for messages in prompts]
+        rendered = self.tok.apply_chat_template(convs, tokenize=False)
+        kept = np.array([r.count(SENTINEL) == 1 for r in rendered])  # else the template rewrote the response
+        bounds = self._rendered_bounds_of([r.replace(SENTINEL, "", 1) for r in rendered])
+        return np.where(kept, bounds, UNBOUNDED)
+
+    def _rendered_bounds_of(self, texts: list[str]) -> np.ndarray:
+        text = pa.array(texts, pa.large_string())
+        specials = np.zeros(len(texts), dtype=np.int64)
+        for token in self.special_tokens:  # longest first
+            specials += pc.count_substring(text, token).to_numpy()
+            text = pc.replace_substring(text, token, "\x01")
+        s = text_stats(text, self.merges)
+        return self._bound(s.nbytes, s.starts, s.unmerged, specials + 1)
 
     def bounds(self, prompt_bound: np.ndarray, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Upper bounds on the tokens of whole conversations: `prompt_bound` (per row) plus the response's."""
         if not self.trusted:
-            return np.full(len(prompt_bound), np.iinfo(np.int64).max // 4)
+            return np.full(len(prompt_bound), UNBOUNDED)
         s = text_stats(texts, self.merges)
         return prompt_bound + self._bound(s.nbytes, s.starts + JUNCTION, s.unmerged + JUNCTION, np.ones_like(s.nbytes))
 
@@ -205,11 +242,14 @@ class TargetLengths:
             parts = list(pool.map(_count_in_worker, [convs[i : i + step] for i in range(0, len(convs), step)]))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def self_check(self, prompts: list[list[dict[str, str]]], texts: list[str], log: Callable[[str], None]) -> None:
+    def self_check(
+        self, prompts: list | pa.Array | pa.ChunkedArray, texts: list[str], log: Callable[[str], None]
+    ) -> None:
         """Trust the bound only if it holds on these conversations (a sample of the real ones)."""
         if not texts:
             return
-        exact = self.count([[*p, {"role": "assistant", "content": t}] for p, t in zip(prompts, texts, strict=True)])
+        turns = prompts if isinstance(prompts, list) else prompts.to_pylist()
+        exact = self.count([[*p, {"role": "assistant", "content": t}] for p, t in zip(turns, texts, strict=True)])
         bound = self.bounds(self.prompt_bounds(prompts), pa.array(texts, pa.string()))
         if (exact > bound).any():
             self.trusted = False
