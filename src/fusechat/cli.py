@@ -225,7 +225,7 @@ def sample(
             console.print(
                 f"  {name}: prompts={c.get('prompts', 0)} samples={c.get('samples', 0)} "
                 f"tokens={c.get('tokens', 0)} skipped_too_long={c.get('skipped_too_long', 0)} "
-                f"tok/s={rate:,.0f}"
+                f"identical_prompts={c.get('identical_prompts', 0)} tok/s={rate:,.0f}"
             )
 
 

@@ -102,7 +102,7 @@ def _bytes_to_unicode() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def text_stats(texts: pa.Array | pa.ChunkedArray, merges: np.ndarray | None, batch_bytes: int = 1 << 26) -> TextStats:
+def text_stats(texts: pa.Array | pa.ChunkedArray, merges: np.ndarray | None, batch_bytes: int = 1 << 24) -> TextStats:
     """The bound's ingredients for each text (null counts as empty), from the Arrow buffers in batches."""
     if isinstance(texts, pa.ChunkedArray):
         parts = [text_stats(c, merges, batch_bytes) for c in texts.chunks]
