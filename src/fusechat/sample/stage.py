@@ -252,6 +252,12 @@ def run_sample(
 
     def body(partial: Path) -> StageResult:
         version_dir = ChunkDir(partial)
+
+        def report(name: str, done: int, total: int, tokens: int, seconds: float) -> None:
+            record_progress(version_dir, parts)  # for `fusechat status`, after every chunk
+            if progress:
+                progress(name, done, total, tokens, seconds)
+
         for _, s in selected:
             part = parts[s.name]
             part.create(
@@ -264,7 +270,7 @@ def run_sample(
             if s.engine == "dataset":
                 fill_from_dataset(s, answers[s.name], prompts, pending, part, log)
             else:
-                fill_source(prepared[s.name], cfg.seed, prompts, pending, part.chunks, len(todo), log, progress)
+                fill_source(prepared[s.name], cfg.seed, prompts, pending, part.chunks, len(todo), log, report)
             record_progress(version_dir, parts)
         return finish(store, version_dir, parts, len(prompts), log)
 
