@@ -14,7 +14,7 @@ Everything else (prompt fields, exclusions, limits, samples per domain, sampling
 band, max_length, DPO loss) comes from the recipe, so a change to the recipe is tested here. The tiny sources are
 trained for a few seconds to answer every prompt with one short text (a Python `double` and a boxed number), so that
 their samples are mostly right and sometimes not: every domain yields SFT rows, and DPO pairs where the recipe makes
-them. The rows per domain and per source are printed.
+them. The rows per domain and per source are printed. Hardware: a CPU (GPUs are hidden from the run).
 """
 
 from __future__ import annotations
