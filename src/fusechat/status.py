@@ -25,6 +25,14 @@ def partial_summary(path) -> str:
     return " ".join(f"{k}={v}" for k, v in progress.items())
 
 
+def parts_summary(manifest: dict[str, Any]) -> str:
+    """A samples version's parts: which were reused from an earlier version (cached) and which it sampled."""
+    parts = manifest.get("parts") or {}
+    return " ".join(
+        f"{name}=cached({p['reused_from']})" if p.get("reused_from") else f"{name}=sampled" for name, p in parts.items()
+    )
+
+
 def status_table(store: RunStore) -> Table:
     table = Table(title=f"fusechat run: {store.root}", show_lines=False)
     for col in ("stage", "version", "status", "created", "counts", "inputs", "fingerprint"):
@@ -38,15 +46,17 @@ def status_table(store: RunStore) -> Table:
         for v in versions:
             m = v.manifest
             inputs = ", ".join(f"{k}/{n}" for k, n in (m.get("inputs") or {}).items())
+            counts = summarize_counts(m.get("counts") or {})
+            if m.get("parts"):
+                counts += f" parts: {parts_summary(m)}"
             table.add_row(
-                stage,
-                v.name,
-                "[green]complete[/green]",
-                m.get("created_at", ""),
-                summarize_counts(m.get("counts") or {}),
-                inputs,
-                v.fingerprint[:12],
+                stage, v.name, "[green]complete[/green]", m.get("created_at", ""), counts, inputs, v.fingerprint[:12]
             )
         for p in partials:
             table.add_row(stage, p.name, "[yellow]partial[/yellow]", "", partial_summary(p), "", "")
+        if stage == "samples":
+            from fusechat.sample.parts import incomplete_parts
+
+            for name, progress in incomplete_parts(store):
+                table.add_row(stage, name, "[yellow]partial[/yellow]", "", f"chunks={progress}", "", "")
     return table

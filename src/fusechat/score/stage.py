@@ -325,15 +325,23 @@ def run_score(
 
         check_reward_model(cfg.score.reward_model)
 
+    from fusechat.score.reuse import chunk_plan, reuse_scored
+
+    config = stage_config(cfg)
+    plan = chunk_plan(samples, sample_rows.files, sample_rows.starts, sample_rows.total, cfg.score.shard_size)
+
     def body(partial: Path) -> StageResult:
+        chunks = ChunkDir(partial)
+        if not force:  # chunks of the same samples files scored the same way: linked, not scored again
+            reuse_scored(store, config, plan[1], chunks, log)
         return score_chunks(
-            cfg, ChunkDir(partial), sample_rows, index, shard, samples, log, progress, prompts, domain is not None
+            cfg, chunks, sample_rows, index, shard, samples, log, progress, prompts, domain is not None, plan
         )
 
     return run_stage(
         store,
         "scores",
-        stage_config(cfg),
+        config,
         {"samples": samples, "prompts": prompts},
         body,
         force=force,
@@ -353,9 +361,11 @@ def score_chunks(
     progress: Callable[[int, int], None] | None,
     prompts: Version | None = None,
     needs_reward: bool = True,
+    plan: tuple[list[tuple[int, int]], list[str]] | None = None,
 ) -> StageResult:
+    """Score this shard's chunks of `plan` (row ranges and chunk keys; default: ranges of `shard_size` rows)."""
     ranges = chunk_ranges(sample_rows.total, cfg.score.shard_size) or [(0, 0)]
-    keys = [f"chunk-{i:06d}" for i in range(len(ranges))]
+    ranges, keys = plan or (ranges, [f"chunk-{i:06d}" for i in range(len(ranges))])
     mine = [i for i in range(len(ranges)) if shard.owns(i)]
     todo = [i for i in mine if not chunks.done(keys[i])]
     total = sum(ranges[i][1] - ranges[i][0] for i in mine)
@@ -380,7 +390,7 @@ def score_chunks(
         if devices != ["cpu"]:
             log(f"scoring on {', '.join(devices)}")
     if len(devices) == 1:
-        score_chunk_list(cfg, chunks, sample_rows, index, samples, ranges, todo, devices[0], log, finished)
+        score_chunk_list(cfg, chunks, sample_rows, index, samples, ranges, todo, devices[0], log, finished, keys)
     else:
         from fusechat.score.workers import run_workers
 
@@ -391,7 +401,7 @@ def score_chunks(
         share.score.code.workers = max(1, cfg.score.code.workers // k)
         threads = max(1, (os.cpu_count() or 1) // k)
         jobs = [
-            (share, chunks.root, samples, prompts, ranges, todo[w::k], device, threads)
+            (share, chunks.root, samples, prompts, ranges, todo[w::k], device, threads, keys)
             for w, device in enumerate(devices)
         ]
         run_workers(
@@ -416,8 +426,9 @@ def score_chunk_list(
     device: str,
     log: Callable[[str], None],
     finished: Callable[[int], None],
+    keys: list[str] | None = None,
 ) -> None:
-    """Score the chunks numbered `todo`, each written as soon as it is done."""
+    """Score the chunks numbered `todo` (named `keys[i]`), each written as soon as it is done."""
     if device.startswith("cuda"):
         import torch
 
@@ -431,7 +442,7 @@ def score_chunk_list(
             table = pa.Table.from_pylist(scored, schema=SCORES_SCHEMA)
             worker = {"host": socket.gethostname(), "pid": os.getpid(), "device": device}
             meta = {TIMINGS_KEY: json.dumps(timings), WORKER_KEY: json.dumps(worker)}
-            chunks.write(f"chunk-{i:06d}", table.replace_schema_metadata(meta))
+            chunks.write(keys[i] if keys else f"chunk-{i:06d}", table.replace_schema_metadata(meta))
             finished(i)
     finally:
         live.close()
@@ -446,6 +457,7 @@ def score_in_worker(
     todo: list[int],
     device: str,
     threads: int,
+    keys: list[str] | None = None,
     *,
     emit: Callable[[str, Any], None],
 ) -> None:
@@ -466,6 +478,7 @@ def score_in_worker(
         device,
         lambda message: emit("log", message),
         lambda i: emit("chunk", i),
+        keys,
     )
 
 
