@@ -384,15 +384,15 @@ def score_chunks(
 
     devices = ["cpu"]
     if needs_reward and todo:
-        from fusechat.score.workers import scoring_devices
+        from fusechat.workers import worker_devices
 
-        devices = scoring_devices(shard, cfg.score.reward_model.workers, os.environ)[: len(todo)]
+        devices = worker_devices(shard, cfg.score.reward_model.workers, os.environ)[: len(todo)]
         if devices != ["cpu"]:
             log(f"scoring on {', '.join(devices)}")
     if len(devices) == 1:
         score_chunk_list(cfg, chunks, sample_rows, index, samples, ranges, todo, devices[0], log, finished, keys)
     else:
-        from fusechat.score.workers import run_workers
+        from fusechat.workers import run_workers
 
         k = len(devices)
         # the verifiers' process counts and the CPU threads are the machine's: each worker gets its share
@@ -461,7 +461,7 @@ def score_in_worker(
     *,
     emit: Callable[[str, Any], None],
 ) -> None:
-    """One scoring process of `fusechat score` (see `fusechat.score.workers`)."""
+    """One scoring process of `fusechat score` (see `fusechat.workers`)."""
     import torch
 
     if device == "cpu":
