@@ -171,8 +171,9 @@ def iter_records(source: PromptSource, where: str) -> Iterator[tuple[str, dict[s
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _utf8(raw, f"{path}:{lineno}")
             if not line.strip():
                 continue
             try:
@@ -184,9 +185,16 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{path}:{lineno}", record
 
 
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
 def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_utf8(path.read_bytes(), str(path)))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -205,7 +213,14 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable Parquet file ({e})") from None
     row = 0
-    for batch in pf.iter_batches(batch_size=4096):
+    batches = pf.iter_batches(batch_size=4096)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path}: row {row}: unreadable Parquet data ({first_line(e)})") from None
+        if batch is None:
+            return
         for record in batch.to_pylist():
             yield f"{path}: row {row}", record
             row += 1
@@ -296,6 +311,9 @@ def run_prompts(
     log: Callable[[str], None] = print,
     progress: Callable[[str, int], None] | None = None,
 ) -> Version:
+    if not cfg.prompts.sources:
+        raise UserError("prompts.sources: empty; list at least one prompt dataset")
+
     def body(out: Path) -> StageResult:
         return build_prompts(cfg, out, progress=progress)
 
@@ -354,6 +372,8 @@ def build_prompts(cfg: FusechatConfig, out: Path, progress: Callable[[str, int],
                     break
             if progress:
                 progress(source.name, counts["read"])
+            if not counts["read"]:
+                raise UserError(f"{where}.path: {source.path}: no records (an empty file or dataset split)")
         if buffer:
             spill.write_table(pa.Table.from_pylist(buffer, schema=spill_schema))
 
@@ -373,6 +393,12 @@ def build_prompts(cfg: FusechatConfig, out: Path, progress: Callable[[str, int],
     spill_path.unlink()
 
     total = sum(sum(c.values()) for c in by_domain.values())
+    if not total:
+        drops = "; ".join(
+            f"{name}: " + ", ".join(f"{k.removeprefix('dropped_')}={v}" for k, v in c.items() if k != "read")
+            for name, c in per_source.items()
+        )
+        raise UserError(f"prompts.sources: no prompt kept from any source ({drops})")
     return StageResult(
         counts={
             "prompts": total,

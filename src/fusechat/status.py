@@ -1,10 +1,14 @@
-"""`fusechat status`: every stage's versions, counts, lineage, and how far unfinished ones are."""
+"""`fusechat status`: every stage's versions, counts, lineage, and the unfinished (partial) folders: how far each
+is and whether a live job works in it. `fusechat clean`: remove the partial folders no job works in."""
 
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from fusechat.store import STAGES, RunStore
@@ -16,23 +20,39 @@ def summarize_counts(counts: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def partial_summary(path) -> str:
-    """Resumable stages keep `progress.json` in their partial directory (e.g. shards done / total)."""
+def partial_summary(path: Path) -> str:
+    """Resumable stages keep `progress.json` in their partial directory (e.g. chunks done / total); training keeps
+    its Trainer checkpoints."""
     try:
         progress = json.loads((path / "progress.json").read_text())
+        return " ".join(f"{k}={v}" for k, v in progress.items())
     except (OSError, ValueError):
-        return "in progress (or interrupted)"
-    return " ".join(f"{k}={v}" for k, v in progress.items())
+        pass
+    steps = sorted(
+        int(p.name.split("-")[1])
+        for p in (path / "checkpoints").glob("checkpoint-*")
+        if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()
+    )
+    return f"last checkpoint: step {steps[-1]}" if steps else ""
+
+
+def partial_state(store: RunStore, path: Path) -> str:
+    """`running: <holder>` while a live job works in it, else `abandoned` (with its age)."""
+    holder = store.busy(path)
+    if holder is not None:
+        return f"running: {holder}"
+    age = _age(time.time() - _newest_mtime(path))
+    return f"abandoned ({age} since its last write)"
 
 
 def status_table(store: RunStore) -> Table:
-    table = Table(title=f"fusechat run: {store.root}", show_lines=False)
+    table = Table(title=escape(f"fusechat run: {store.root}"), show_lines=False)
     for col in ("stage", "version", "status", "created", "counts", "inputs", "fingerprint"):
         table.add_column(col, overflow="fold")
     for stage in STAGES:
-        versions = store.versions(stage)
-        partials = store.partials(stage) if store.stage_dir(stage).is_dir() else []
-        if not versions and not partials:
+        versions, broken = store.scan(stage)
+        partials = store.partials(stage)
+        if not versions and not partials and not broken:
             table.add_row(stage, "-", "[dim]none[/dim]", "", "", "", "")
             continue
         for v in versions:
@@ -42,11 +62,67 @@ def status_table(store: RunStore) -> Table:
                 stage,
                 v.name,
                 "[green]complete[/green]",
-                m.get("created_at", ""),
-                summarize_counts(m.get("counts") or {}),
-                inputs,
+                escape(str(m.get("created_at", ""))),
+                escape(summarize_counts(m.get("counts") or {})),
+                escape(inputs),
                 v.fingerprint[:12],
             )
+        for manifest, problem in broken:
+            table.add_row(stage, manifest.parent.name, "[red]broken[/red]", "", escape(f"manifest.json: {problem}"))
         for p in partials:
-            table.add_row(stage, p.name, "[yellow]partial[/yellow]", "", partial_summary(p), "", "")
+            state = partial_state(store, p)
+            colour = "yellow" if state.startswith("running") else "red"
+            table.add_row(
+                stage, escape(p.name), f"[{colour}]partial[/{colour}]", "", escape(partial_summary(p)), escape(state)
+            )
     return table
+
+
+def abandoned(store: RunStore, stages: list[str] | None = None) -> list[tuple[str, Path]]:
+    """Partial folders no live job works in: (stage, path)."""
+    return [(stage, p) for stage in stages or STAGES for p in store.partials(stage) if store.busy(p) is None]
+
+
+def clean(store: RunStore, stages: list[str] | None = None, dry_run: bool = False) -> list[tuple[str, Path, int]]:
+    """Remove the abandoned partial folders (each only if still unclaimed when removed); (stage, path, bytes)."""
+    removed = []
+    for stage, path in abandoned(store, stages):
+        size = _size(path)
+        if dry_run or store.discard(path):
+            removed.append((stage, path, size))
+    return removed
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.stat().st_mtime
+    for p in path.rglob("*"):
+        try:
+            newest = max(newest, p.stat().st_mtime)
+        except OSError:
+            continue
+    return newest
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except OSError:
+            continue
+    return total
+
+
+def _age(seconds: float) -> str:
+    for unit, span in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f} {unit}"
+    return f"{max(seconds, 0):.0f} s"
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -37,7 +37,7 @@ SAMPLES_SCHEMA = pa.schema(
         ("finish_reason", pa.string()),
     ]
 )
-CHUNK_STATS = b"fusechat.chunk"  # Parquet metadata key: per-chunk counts and timing, summed into the manifest
+CHUNK_STATS = b"fusechat.chunk"  # Parquet metadata key: per-chunk counts, summed into the manifest
 
 Progress = Callable[[str, int, int, int, float], None]  # source, chunks done, chunks total, tokens, seconds
 Plans = dict[str, list[tuple[str, list[int]]]]  # source -> [(chunk key, prompt row numbers)]
@@ -177,11 +177,14 @@ def run_sample(
     domains = [p["domain"] for p in prompts]
     plans: Plans = {s.name: plan_chunks(s, domains) for s in cfg.sources}
     selected = [(i, s) for i, s in enumerate(cfg.sources) if source in (None, s.name) and plans[s.name]]
+    if not selected:
+        raise UserError(nothing_to_sample(domains, source))
     prepared = {s.name: prepare(s, f"sources[{i}]", probe_prompt(prompts, plans[s.name])) for i, s in selected}
 
     def body(partial: Path) -> StageResult:
         chunks = ChunkDir(partial)
         for _, s in selected:
+            chunks.drop_broken([key for key, _ in plans[s.name]], chunk_check(plans[s.name]), log)
             todo = [(key, rows) for n, (key, rows) in enumerate(plans[s.name]) if shard.owns(n)]
             pending = [(key, rows) for key, rows in todo if not chunks.done(key)]
             if not pending:
@@ -189,8 +192,11 @@ def run_sample(
             fill_source(prepared[s.name], cfg.seed, prompts, pending, chunks, plans, len(todo), log, progress)
         return finish(chunks, plans, len(prompts), log)
 
+    job = "-".join(
+        ([f"source-{source}"] if source else []) + ([f"shard-{shard.index}of{shard.count}"] if shard.count > 1 else [])
+    )
     try:
-        return run_stage(store, "samples", config, inputs, body, force=force, resumable=True, log=log)
+        return run_stage(store, "samples", config, inputs, body, force=force, resumable=True, job=job or None, log=log)
     except FileNotFoundError:
         # Another shard job committed the same partial version while this one was summing it up.
         done = store.find("samples", fp)
@@ -223,11 +229,11 @@ def fill_source(
         for key, rows in pending:
             if chunks.done(key):  # a concurrent job running the same shard got there first
                 continue
-            table = sample_chunk(prep, engine, base_seed, key, [prompts[r] for r in rows])
-            chunks.write(key, table)
+            table, timings = sample_chunk(prep, engine, base_seed, key, [prompts[r] for r in rows])
+            chunks.write(key, table, timings)
             record_progress(chunks, plans)
             stats = json.loads(table.schema.metadata[CHUNK_STATS])
-            done, tokens, seconds = done + 1, tokens + stats["tokens"], seconds + stats["generate_s"]
+            done, tokens, seconds = done + 1, tokens + stats["tokens"], seconds + timings["generate_s"]
             if progress:
                 progress(s.name, done, owned, tokens, seconds)
     finally:
@@ -235,8 +241,11 @@ def fill_source(
     log(f"{s.name}: {tokens:,} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s)")
 
 
-def sample_chunk(prep: Prepared, engine, seed: int, key: str, prompts: list[dict[str, Any]]) -> pa.Table:
-    """Render, skip prompts that fill the context, generate per k (k depends on the domain), decode."""
+def sample_chunk(
+    prep: Prepared, engine, seed: int, key: str, prompts: list[dict[str, Any]]
+) -> tuple[pa.Table, dict[str, float]]:
+    """Render, skip prompts that fill the context, generate per k (k depends on the domain), decode. The counts
+    go in the table's metadata, the timings beside it (data files hold nothing that differs between runs)."""
     s = prep.source
     chunk_started = time.perf_counter()
     ids = [prep.render(p) for p in prompts]
@@ -261,11 +270,40 @@ def sample_chunk(prep: Prepared, engine, seed: int, key: str, prompts: list[dict
         "samples": len(rows),
         "tokens": sum(r["num_tokens"] for r in rows),
         "finish_length": sum(r["finish_reason"] == "length" for r in rows),
-        "generate_s": round(elapsed, 4),
-        "wall_s": round(time.perf_counter() - chunk_started, 4),
     }
+    timings = {"generate_s": round(elapsed, 4), "wall_s": round(time.perf_counter() - chunk_started, 4)}
     table = pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
-    return table.replace_schema_metadata({CHUNK_STATS: json.dumps(stats)})
+    return table.replace_schema_metadata({CHUNK_STATS: json.dumps(stats)}), timings
+
+
+def chunk_check(plan: list[tuple[str, list[int]]]) -> Callable[[str, Any], str | None]:
+    """What a finished chunk file of this source must hold: its counts, for as many prompts as the chunk has."""
+    sizes = {key: len(rows) for key, rows in plan}
+
+    def problem(key: str, meta) -> str | None:
+        try:
+            stats = json.loads((meta.metadata or {})[CHUNK_STATS])
+        except (KeyError, ValueError):
+            return "no chunk counts in its metadata"
+        n_prompts = stats.get("prompts", 0) + stats.get("skipped_too_long", 0)
+        if n_prompts != sizes[key]:
+            return f"counts for {n_prompts} prompts, expected {sizes[key]}"
+        if meta.num_rows != stats.get("samples"):
+            return f"{meta.num_rows} rows, expected {stats.get('samples')}"
+        return None
+
+    return problem
+
+
+def nothing_to_sample(domains: list[str], source: str | None) -> str:
+    """The one-line error when no selected source answers any prompt (every k is 0 for the domains present)."""
+    if not domains:
+        return "the prompts version holds no prompts"
+    who = f"--source {source}: it answers" if source else "sources: no source answers"
+    return (
+        f"{who} no prompt (samples per domain are 0 for every domain present: {', '.join(sorted(set(domains)))}); "
+        "set sources[].samples or sources[].default_samples"
+    )
 
 
 def record_progress(chunks: ChunkDir, plans: Plans) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -294,7 +332,8 @@ def finish(chunks: ChunkDir, plans: Plans, n_prompts: int, log: Callable[[str], 
     for name, keys in done.items():
         sums: dict[str, float] = {}
         for key in keys:
-            for stat, value in json.loads(pq.read_schema(chunks.path(key)).metadata[CHUNK_STATS]).items():
+            stats = json.loads(pq.read_schema(chunks.path(key)).metadata[CHUNK_STATS])
+            for stat, value in {**stats, **chunks.timings(key)}.items():
                 sums[stat] = sums.get(stat, 0) + value
         gen_s, wall_s = sums.pop("generate_s", 0.0), sums.pop("wall_s", 0.0)
         by_source[name] = {k: int(v) for k, v in sums.items()}

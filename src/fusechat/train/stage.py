@@ -177,7 +177,9 @@ def train_stage(
             extra=extra,
         )
 
-    return run_stage(store, kind, config, inputs, body, force=force, resumable=True, log=log)
+    # every machine of a multi-node run works in the one partial version: one job each
+    job = f"machine-{launch.machine_rank()}" if launch.extra_args() else None
+    return run_stage(store, kind, config, inputs, body, force=force, resumable=True, job=job, log=log)
 
 
 def _link(src: Path, dst: Path) -> None:
