@@ -75,3 +75,12 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run the test with the current directory set to a fresh temporary folder (configs use relative paths)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def fault_world(tmp_path_factory, tiny_llama, tiny_qwen2, tiny_reward):
+    """The small pipeline run once cleanly (tests/fault_world.py): the reference of the fault suite."""
+    from fault_world import build_world
+
+    models = {"llama": tiny_llama, "qwen2": tiny_qwen2, "reward": tiny_reward}
+    return build_world(tmp_path_factory.mktemp("fault_world"), models)

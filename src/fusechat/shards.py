@@ -87,6 +87,9 @@ class ChunkDir:
             pq.write_table(table, tmp)
             fsync_file(tmp)
             os.replace(tmp, final)
+        except OSError as e:  # e.g. a full disk: name the chunk (pyarrow's error does not)
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror or str(e), str(final)) from e
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -33,21 +33,23 @@ def partial_summary(path: Path) -> str:
         for p in (path / "checkpoints").glob("checkpoint-*")
         if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()
     )
-    return f"last checkpoint: step {steps[-1]}" if steps else ""
+    if steps:
+        return f"last checkpoint: step {steps[-1]}"
+    chunks = len(list((path / "data").glob("*.parquet"))) if (path / "data").is_dir() else 0
+    return f"{chunks} chunk file(s)" if chunks else ""
 
 
-def partial_state(store: RunStore, path: Path) -> str:
-    """`running: <holder>` while a live job works in it, else `abandoned` (with its age)."""
+def partial_state(store: RunStore, path: Path) -> tuple[str, str]:
+    """(`running`, the holder) while a live job works in it, else (`abandoned`, how long since its last write)."""
     holder = store.busy(path)
     if holder is not None:
-        return f"running: {holder}"
-    age = _age(time.time() - _newest_mtime(path))
-    return f"abandoned ({age} since its last write)"
+        return "running", holder
+    return "abandoned", f"last write {_age(time.time() - _newest_mtime(path))} ago"
 
 
 def status_table(store: RunStore) -> Table:
     table = Table(title=escape(f"fusechat run: {store.root}"), show_lines=False)
-    for col in ("stage", "version", "status", "created", "counts", "inputs", "fingerprint"):
+    for col in ("stage", "version", "status", "created", "counts", "inputs", "fingerprint"):  # partial: progress, who
         table.add_column(col, overflow="fold")
     for stage in STAGES:
         versions, broken = store.scan(stage)
@@ -70,10 +72,15 @@ def status_table(store: RunStore) -> Table:
         for manifest, problem in broken:
             table.add_row(stage, manifest.parent.name, "[red]broken[/red]", "", escape(f"manifest.json: {problem}"))
         for p in partials:
-            state = partial_state(store, p)
-            colour = "yellow" if state.startswith("running") else "red"
+            state, detail = partial_state(store, p)
+            colour = "yellow" if state == "running" else "red"
             table.add_row(
-                stage, escape(p.name), f"[{colour}]partial[/{colour}]", "", escape(partial_summary(p)), escape(state)
+                stage,
+                escape(p.name),
+                f"[{colour}]partial, {state}[/{colour}]",
+                "",
+                escape(partial_summary(p)),
+                escape(detail),
             )
     return table
 

@@ -254,13 +254,29 @@ class RunStore:
 
     @contextmanager
     def job_lock(self, stage: str, job: str | None = None) -> Iterator[None]:
-        """One process per stage, job key and run directory: a second one is an error naming the holder."""
-        d = ensure_dir(self.stage_dir(stage))
+        """One process per stage, job key and run directory: a second one is an error naming the holder. The
+        folders it had to create are removed again when the stage fails and leaves them empty."""
+        d = self.stage_dir(stage)
+        created = [p for p in [d, *d.parents] if not p.exists()]
+        ensure_dir(d)
+        try:
+            with self._job_lock(d, stage, job):
+                yield
+        except BaseException:
+            for p in created:  # deepest first; stops at the first that is not empty
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+            raise
+
+    @contextmanager
+    def _job_lock(self, d: Path, stage: str, job: str | None) -> Iterator[None]:
         key = re.sub(r"[^A-Za-z0-9_.-]+", "_", job or "all")
         lock = _try_lock(d / f".lock-job-{key}", exclusive=True, wait_s=0.5)
         if lock is None:
             holder = _holder(d / f".lock-job-{key}")
-            what = f"fusechat {stage}" + (f" ({job})" if job else "")
+            what = f"another {stage} job" + (f" ({job})" if job else "")
             raise UserError(f"{what} is already running on {self.root}: {holder}; wait for it or stop it")
         _write_holder(lock)
         try:

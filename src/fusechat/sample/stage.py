@@ -299,9 +299,9 @@ def nothing_to_sample(domains: list[str], source: str | None) -> str:
     """The one-line error when no selected source answers any prompt (every k is 0 for the domains present)."""
     if not domains:
         return "the prompts version holds no prompts"
-    who = f"--source {source}: it answers" if source else "sources: no source answers"
+    who = f"--source {source}: it answers no prompt" if source else "sources: no source answers any prompt"
     return (
-        f"{who} no prompt (samples per domain are 0 for every domain present: {', '.join(sorted(set(domains)))}); "
+        f"{who} (samples per domain are 0 for every domain present: {', '.join(sorted(set(domains)))}); "
         "set sources[].samples or sources[].default_samples"
     )
 

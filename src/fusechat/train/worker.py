@@ -1,8 +1,8 @@
-"""One training process: `python -m fusechat.train.worker <partial>/job.json` (one per rank under accelerate
+"""One training process: `python -m fusechat.train.worker <partial>/.job.json` (one per rank under accelerate
 launch), or `run_job(job)` in the parent when a single process trains.
 
 Reads the recipe top to bottom: tokenizer, dataset (file-backed, so every rank shares the map cache), trainer,
-resume from the last complete checkpoint, train, save `model/`, write `result.json` (rank 0).
+resume from the last complete checkpoint, train, save `model/`, write the result (rank 0).
 
 A resumed run ends where an uninterrupted one would, with its weights: the Trainer restores weights, optimizer,
 scheduler, RNG states and the data order from the checkpoint, and `stop_at_max_steps` keeps it from taking one
@@ -24,18 +24,23 @@ from typing import Any
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-def last_checkpoint(output_dir: str | Path) -> tuple[Path | None, int]:
-    """The newest checkpoint whose trainer state was written (the Trainer writes it last, so a run killed while
-    saving leaves a checkpoint without it, which is skipped), and its step."""
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The checkpoints whose trainer state was written (the Trainer writes it last, so a run killed while saving
+    leaves a checkpoint without it, which is skipped), oldest first."""
     found = []
     for p in Path(output_dir).glob("checkpoint-*"):
         m = CHECKPOINT_RE.match(p.name)
         if m and (p / "trainer_state.json").is_file():
             found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def last_checkpoint(output_dir: str | Path) -> tuple[Path | None, int]:
+    """The newest complete checkpoint and its step."""
+    found = complete_checkpoints(output_dir)
     if not found:
         return None, 0
-    step, path = max(found)
-    return path, step
+    return found[-1], int(CHECKPOINT_RE.match(found[-1].name).group(1))
 
 
 def load_target_tokenizer(path: str, chat_template: str | None):
@@ -58,9 +63,11 @@ def run_job(job: dict[str, Any], callbacks: list | tuple = ()) -> dict[str, Any]
     rows = load_dataset("parquet", data_files=job["data_files"], split="train")
     callbacks = list(callbacks)
     if job.get("keep_checkpoints"):
-        from fusechat.train.checkpoints import keep_callback
+        from fusechat.train.checkpoints import keep_callback, keep_checkpoint
 
         callbacks.append(keep_callback(Path(job["output_dir"])))
+        for found in complete_checkpoints(job["output_dir"]):  # a run killed before it kept them
+            keep_checkpoint(found, Path(job["output_dir"]))
     checkpoint, resumed_step = last_checkpoint(job["output_dir"])
     before = totals_before(checkpoint)
     totals = run_totals(before)
@@ -78,8 +85,9 @@ def run_job(job: dict[str, Any], callbacks: list | tuple = ()) -> dict[str, Any]
     result.update(settings(trainer, job))
     if trainer.is_world_process_zero():
         write_json_atomic(Path(job["result"]), result)
-        # per-step entries only: the summary entry holds this process's timings (they go to the manifest)
-        steps = [h for h in trainer.state.log_history if "train_runtime" not in h]
+        # per-step entries only (the summary entry holds this process's timings: they go to the manifest), keys
+        # sorted as a checkpoint's trainer state stores them, so a resumed run writes the same file
+        steps = [dict(sorted(h.items())) for h in trainer.state.log_history if "train_runtime" not in h]
         write_json_atomic(Path(job["result"]).with_name("log_history.json"), steps)
     trainer.accelerator.wait_for_everyone()
     _end_process_group()

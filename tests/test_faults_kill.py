@@ -1,0 +1,134 @@
+"""The fault suite, part 1: SIGKILL at chosen moments. Each stage of the small pipeline (tests/fault_world.py) runs as
+a CLI process in a copy of the clean run, is killed (its whole process group) as soon as a file shows it reached
+the moment (a partial folder, the n-th chunk, a checkpoint, the final model), then re-run to the end. The result
+must equal the clean run: the same data files byte for byte (0 rows lost, duplicated or differing), the same
+counts in the manifest, and for training the configured last step with the clean run's weights and whole-run loss
+and token counts. Runs are killed 4 at a time to share the start-up cost; each runs in slices once it started work
+(`fault_world.kill_all`), so a kill lands within milliseconds of its moment, which each case checks.
+Hardware: CPU (the training runs force `use_cpu` only through the CPU defaults; on a GPU machine they train there).
+"""
+
+from __future__ import annotations
+
+import pytest
+from fault_world import (
+    DPO_STEPS,
+    SFT_STEPS,
+    Kill,
+    committed,
+    count,
+    data_files,
+    exists,
+    kill_all,
+    record,
+    resume,
+    start,
+    tally,
+    weights_diff,
+)
+
+pytestmark = pytest.mark.slow
+
+KILLS = {
+    "samples": [
+        ("loading the engines", exists("samples")),
+        ("after the first chunk", count("data/*.parquet", 1, "samples")),
+        ("after 5 of 16 chunks", count("data/*.parquet", 5, "samples")),
+        ("first source done, second not started", count("data/llama-*.parquet", 8, "samples")),
+        ("after the last chunk, before the commit", count("data/*.parquet", 16, "samples")),
+        ("right after the commit", committed("samples")),
+    ],
+    "scores": [
+        ("loading the reward model", exists("scores")),
+        ("after the first chunk", count("data/*.parquet", 1, "scores")),
+        ("after 8 of 16 chunks", count("data/*.parquet", 8, "scores")),
+        ("after the last chunk, before the commit", count("data/*.parquet", 16, "scores")),
+    ],
+    "datasets": [
+        ("reading the scores", exists("datasets")),
+        ("after writing the SFT set", exists("datasets", "sft/train.parquet")),
+        ("after writing stats.json, before the commit", exists("datasets", "stats.json")),
+    ],
+    "sft": [
+        ("loading the model", exists("sft")),
+        ("saving the first checkpoint", exists("sft", "checkpoints/checkpoint-5")),
+        ("after the first checkpoint", exists("sft", "checkpoints/checkpoint-5/trainer_state.json")),
+        ("saving the last checkpoint", exists("sft", f"checkpoints/checkpoint-{SFT_STEPS}")),
+        ("after the last checkpoint", exists("sft", f"checkpoints/checkpoint-{SFT_STEPS}/trainer_state.json")),
+        ("saving the final model", exists("sft", "model")),
+        ("after the final model, before the commit", exists("sft", ".result.json")),
+    ],
+    "dpo": [
+        ("after the first checkpoint", exists("dpo", "checkpoints/checkpoint-3/trainer_state.json")),
+        ("after the second checkpoint, kept as step-6", exists("dpo", "checkpoints/step-6")),
+        ("after the last checkpoint", exists("dpo", f"checkpoints/checkpoint-{DPO_STEPS}/trainer_state.json")),
+        ("saving the final model", exists("dpo", "model")),
+    ],
+}
+# The step a resumed training run must start from: the checkpoint complete at the kill (a checkpoint killed while
+# saving is skipped); a run killed after its result was written commits it (its own run started at 0).
+RESUMED_FROM = {
+    "sft": [0, 0, 5, 5, SFT_STEPS, SFT_STEPS, 0],
+    "dpo": [3, 6, DPO_STEPS, DPO_STEPS],
+}
+CASES = [(stage, i) for stage, kills in KILLS.items() for i in range(len(kills))]
+
+
+@pytest.fixture(scope="module")
+def killed(fault_world, tmp_path_factory):
+    """Every kill point's run, started 4 at a time and killed at its moment; by (stage, index)."""
+    out: dict[tuple[str, int], Kill] = {}
+    batch: list[Kill] = []
+    for stage, i in CASES:
+        name, ready = KILLS[stage][i]
+        kill = Kill(f"{stage}: {name}", stage, ready)
+        kill.folder = fault_world.case(tmp_path_factory.mktemp(f"kill-{stage}-{i}"), stage)
+        batch.append(kill)
+        out[(stage, i)] = kill
+        if len(batch) == 4 or (stage, i) == CASES[-1]:
+            for k in batch:
+                start(k)
+            kill_all(batch)
+            batch = []
+    return out
+
+
+@pytest.mark.parametrize(("stage", "index"), CASES, ids=[f"{s}-{KILLS[s][i][0]}" for s, i in CASES])
+def test_killed_run_resumes_to_the_clean_result(stage, index, killed, fault_world):
+    kill = killed[(stage, index)]
+    assert kill.killed or kill.proc.returncode == 0, f"{kill.name}: exited {kill.proc.returncode}\n{kill.output}"
+    store_dir = kill.run_dir / stage
+    visible = sorted(p.name for p in store_dir.iterdir() if not p.name.startswith(".")) if store_dir.is_dir() else []
+    assert visible in ([], ["v001"]), visible  # nothing half-written is visible, whatever the moment
+    clean = fault_world.clean(stage)
+
+    version = resume(kill.folder, stage)
+    assert version.name == "v001"
+    assert not [p for p in store_dir.iterdir() if p.name.startswith((".partial-", ".tmp-"))]
+    assert version.manifest["counts"] == clean.manifest["counts"]
+    assert version.manifest["files"] == clean.manifest["files"]
+    got, want = data_files(version.path), data_files(clean.path)
+    assert sorted(got) == sorted(want)
+    differing_files = sorted(name for name in want if got[name] != want[name])
+    outcome = {"landed": kill.landed, "killed": kill.killed, "differing_files": differing_files}
+    if stage in ("sft", "dpo"):
+        train, clean_train = version.manifest["train"], clean.manifest["train"]
+        outcome.update(
+            global_step=train["global_step"],
+            resumed_from_step=train["resumed_from_step"],
+            max_weight_diff=weights_diff(version.path / "model", clean.path / "model"),
+        )
+        record(kill.name, outcome)
+        assert train["resumed_from_step"] == RESUMED_FROM[stage][index], kill.landed  # the kill landed on its moment
+        assert train["global_step"] == (SFT_STEPS if stage == "sft" else DPO_STEPS)
+        assert outcome["max_weight_diff"] == 0.0
+        assert train["tokens"] == clean_train["tokens"]
+        assert train["train_loss"] == pytest.approx(clean_train["train_loss"], rel=1e-6)
+        assert train["mean_loss"] == pytest.approx(clean_train["mean_loss"], rel=1e-9)
+        assert version.manifest.get("checkpoints") == clean.manifest.get("checkpoints")
+    else:
+        assert kill.landed.startswith("committed" if "after the commit" in kill.name else "partial"), kill.landed
+        outcome.update(tally(stage, clean.path, version.path))
+        record(kill.name, outcome)
+        assert (outcome["lost"], outcome["duplicated"], outcome["differing"], outcome["extra"]) == (0, 0, 0, 0)
+    assert differing_files == [], outcome
