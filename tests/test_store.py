@@ -174,3 +174,24 @@ def test_concurrent_creation_never_collides(tmp_path):
     store = RunStore(tmp_path)
     texts = sorted((v.data / "x.txt").read_text() for v in store.versions("prompts"))
     assert texts == [str(i) for i in range(6)]
+
+
+def test_status_shows_broken_versions_and_partials_by_state(tmp_path):
+    from rich.console import Console
+
+    from fusechat.status import clean, status_table
+
+    store = RunStore(tmp_path / "runs" / "r[1]")  # brackets in a path are shown as they are
+    run_stage(store, "prompts", {"a": 1}, {}, body_writing("1"), log=lambda s: None)
+    (store.stage_dir("prompts") / "v002").mkdir()
+    live = store.partial_dir("samples", "f" * 64)
+    dead = store.partial_dir("scores", "e" * 64)
+    console = Console(width=250, record=True)
+    with store.using(live):
+        console.print(status_table(store))
+        assert clean(store) == [("scores", dead, 0)]
+    text = console.export_text()
+    assert f"fusechat run: {store.root}" in text
+    assert "broken" in text and "manifest.json: missing" in text
+    assert "partial, running" in text and "partial, abandoned" in text
+    assert live.is_dir() and not dead.exists()

@@ -117,9 +117,10 @@ def resolve_model_ref(store, text: str):
             raise UserError(f"--model {text}: no complete {stage} version in {store.root}")
     else:
         name = f"v{int(name[1:]):03d}"
-        version = next((v for v in store.versions(stage) if v.name == name), None)
+        version = store.named(stage, name)
         if version is None:
             raise UserError(f"--model {text}: {store.stage_dir(stage) / name} is not a complete version")
+    store.check(version)
     if step is None:
         return version.ref, version.path / "model", version
     path = version.path / "checkpoints" / f"step-{int(step)}"
