@@ -111,7 +111,7 @@ class SamplingParams(Section):
     top_k: int = Field(default=-1, ge=-1)  # -1 (or 0): no top-k cut
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     max_tokens: int = Field(default=4096, ge=1)
-    seed: int | None = None  # default: the config's seed
+    seed: int | None = Field(default=None, ge=0)  # default: the config's seed
 
 
 class SourceModel(Section):
@@ -293,7 +293,7 @@ class EvalConfig(Section):
 class FusechatConfig(Section):
     name: str
     workdir: str = "runs"
-    seed: int = 42
+    seed: int = Field(default=42, ge=0)
     prompts: PromptsConfig
     sources: list[SourceModel] = []
     score: ScoreConfig = ScoreConfig()

@@ -431,10 +431,9 @@ def _fresh_partial(
             )
         return partial
     if any(partial.iterdir()):
-        holder = store.busy(partial)
-        if holder is not None:
+        if not store.discard(partial):
+            holder = store.busy(partial) or "another process"
             raise UserError(f"--force: {partial} is in use by {holder}; wait for it or stop it")
-        store.discard(partial)
         log(f"--force: removed the earlier attempt {partial.name}")
         partial = store.partial_dir(stage, fp, redo_after=redo_after)
     return partial
@@ -450,7 +449,7 @@ def seal(partial: Path) -> dict[str, dict[str, int]]:
         for name in [n for n in dirs if n.startswith(".")]:
             shutil.rmtree(here / name, ignore_errors=True)
             dirs.remove(name)
-        os.chmod(here, dir_mode)
+        _chmod(here, dir_mode)
         for name in sorted(names):
             f = here / name
             if name.startswith("."):
@@ -458,7 +457,7 @@ def seal(partial: Path) -> dict[str, dict[str, int]]:
                 continue
             if f.is_symlink():
                 continue
-            os.chmod(f, file_mode)
+            _chmod(f, file_mode)
             fsync_file(f)
             rel = f.relative_to(partial).as_posix()
             if rel == "manifest.json":
@@ -469,6 +468,14 @@ def seal(partial: Path) -> dict[str, dict[str, int]]:
             files[rel] = info
         fsync_dir(here)
     return dict(sorted(files.items()))
+
+
+def _chmod(path: Path, mode: int) -> None:
+    """Best effort: a shard job of another user in the group may own the file."""
+    try:
+        os.chmod(path, mode)
+    except PermissionError:
+        pass
 
 
 def current_umask() -> int:

@@ -84,11 +84,11 @@ def run_job(job: dict[str, Any], callbacks: list | tuple = ()) -> dict[str, Any]
     result = summarize(trainer, out.metrics, resumed_step, wall, before)
     result.update(settings(trainer, job))
     if trainer.is_world_process_zero():
-        write_json_atomic(Path(job["result"]), result)
         # per-step entries only (the summary entry holds this process's timings: they go to the manifest), keys
         # sorted as a checkpoint's trainer state stores them, so a resumed run writes the same file
         steps = [dict(sorted(h.items())) for h in trainer.state.log_history if "train_runtime" not in h]
         write_json_atomic(Path(job["result"]).with_name("log_history.json"), steps)
+        write_json_atomic(Path(job["result"]), result)  # last: it says the training is done
     trainer.accelerator.wait_for_everyone()
     _end_process_group()
     return result
