@@ -55,7 +55,8 @@ def world_config(root: Path, models: dict[str, Path]) -> dict[str, Any]:
     rows += [{"q": f"What is {i} plus {i + 3}?", "a": str(2 * i + 3), "kind": "math"} for i in range(8)]
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = {"engine": "transformers", "chunk_size": 2, "batch_size": 2, "sampling": {"max_tokens": 8}}
-    train = {"logging_steps": 1, "max_length": 128, "save_strategy": "steps"}
+    # on CPU also where a GPU is visible: the suite compares weights bit for bit
+    train = {"logging_steps": 1, "max_length": 128, "save_strategy": "steps", "use_cpu": True}
     return {
         "name": NAME,
         "workdir": "runs",
@@ -297,6 +298,20 @@ def exists(stage: str, rel: str = "") -> Callable[[Path], bool]:
     def ready(run_dir: Path) -> bool:
         p = partial_of(run_dir, stage)
         return p is not None and (not rel or (p / rel).exists())
+
+    return ready
+
+
+def saved(stage: str, checkpoint: str) -> Callable[[Path], bool]:
+    """The Trainer checkpoint is whole: its trainer_state.json (written last, not atomically) parses."""
+
+    def ready(run_dir: Path) -> bool:
+        p = partial_of(run_dir, stage)
+        try:
+            json.loads((p / "checkpoints" / checkpoint / "trainer_state.json").read_text())
+        except (OSError, TypeError, ValueError):
+            return False
+        return True
 
     return ready
 

@@ -39,6 +39,16 @@ MODEL_FILES = (
 MODEL_REF_RE = re.compile(r"^(sft|dpo)(?:/(v\d+))?(?:@step-(\d+))?$")
 
 
+def is_complete(checkpoint: Path) -> bool:
+    """Whether a Trainer checkpoint was saved whole: the Trainer writes `trainer_state.json` last, and not
+    atomically, so a run killed while saving leaves a checkpoint without it or with a truncated one."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def keep_checkpoint(checkpoint: Path, steps_dir: Path) -> Path | None:
     """`steps_dir/step-N` with the model files of Trainer checkpoint `checkpoint-N` (hard links where possible),
     the config with the KV cache on for generation. None when the checkpoint holds no weights (e.g. a DeepSpeed
@@ -86,7 +96,7 @@ def finish(output_dir: Path, keep: bool) -> list[int]:
         return []
     for checkpoint in sorted(output_dir.iterdir()):
         if CHECKPOINT_RE.match(checkpoint.name):
-            if keep and (checkpoint / "trainer_state.json").is_file():
+            if keep and is_complete(checkpoint):
                 keep_checkpoint(checkpoint, output_dir)
             shutil.rmtree(checkpoint)
     for other in output_dir.iterdir():

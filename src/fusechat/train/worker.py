@@ -25,12 +25,13 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """The checkpoints whose trainer state was written (the Trainer writes it last, so a run killed while saving
-    leaves a checkpoint without it, which is skipped), oldest first."""
+    """The checkpoints saved whole (`checkpoints.is_complete`; one killed while saving is skipped), oldest first."""
+    from fusechat.train.checkpoints import is_complete
+
     found = []
     for p in Path(output_dir).glob("checkpoint-*"):
         m = CHECKPOINT_RE.match(p.name)
-        if m and (p / "trainer_state.json").is_file():
+        if m and is_complete(p):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
