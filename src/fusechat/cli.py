@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -142,11 +143,11 @@ def stage_progress(verb: str) -> Iterator[Any]:
     if verb not in ("prompts", "sample", "score", "build"):
         yield None
         return
-    columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}")]
+    columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}", markup=False)]  # source names as is
     if verb != "prompts":
         columns += [BarColumn(), MofNCompleteColumn()]
     if verb == "sample":
-        columns.append(TextColumn("{task.fields[rate]}"))
+        columns.append(TextColumn("{task.fields[rate]}", markup=False))
     with Progress(*columns, TimeElapsedColumn(), console=console, transient=verb in ("prompts", "build")) as bar:
         tasks: dict[str, Any] = {}
 
@@ -424,9 +425,9 @@ def eval_(
 
 def comparison_table(table, title: str) -> Table:
     """A comparison (benchmarks as rows, models as columns, deltas) as a rich table."""
-    out = Table(title=title)
+    out = Table(title=escape(title))
     for i, name in enumerate(table["header"]):
-        out.add_column(name, justify="left" if i == 0 else "right")
+        out.add_column(escape(str(name)), justify="left" if i == 0 else "right")
 
     def cell(value, delta: bool) -> str:
         if value is None:
@@ -435,7 +436,7 @@ def comparison_table(table, title: str) -> Table:
 
     rows = table["rows"] + ([table["average"]] if table["average"] else [])
     for r, row in enumerate(rows):
-        cells = [cell(v, i > table["models"]) for i, v in enumerate(row)]
+        cells = [escape(cell(v, i > table["models"])) for i, v in enumerate(row)]  # labels may hold [...]
         if r == len(table["rows"]):
             cells = [f"[bold]{c}[/bold]" for c in cells]
         out.add_row(*cells)

@@ -39,6 +39,8 @@ from fusechat.errors import UserError
 
 # Directory name of each stage's versions. The CLI verbs differ for three of them (sample, score, build).
 STAGES = ("prompts", "samples", "scores", "datasets", "sft", "dpo", "eval")
+# The command that makes each stage's versions, where its name differs.
+MAKERS = {"samples": "sample", "scores": "score", "datasets": "build"}
 # Bump when the on-disk format of any stage changes: old versions then no longer match as cache hits.
 STORE_FORMAT = 1
 VERSION_RE = re.compile(r"^v(\d{3,})$")
@@ -193,9 +195,10 @@ class RunStore:
         for rel, info in listed.items():
             problem = _file_problem(version.path / rel, info)
             if problem:
+                maker = MAKERS.get(version.stage, version.stage)
                 raise UserError(
-                    f"{version.path / rel}: {problem} ({version.ref} is damaged; re-run the stage with --force "
-                    "to make it again)"
+                    f"{version.path / rel}: {problem} ({version.ref} is damaged; `fusechat {maker} --force` makes "
+                    "it again)"
                 )
         for f in version.path.rglob("*.parquet"):
             rel = f.relative_to(version.path).as_posix()
@@ -568,6 +571,11 @@ def _try_lock(path: Path, *, exclusive: bool, wait_s: float = 2.0):
                 return None
             time.sleep(0.05)
             continue
+        except OSError as e:  # a filesystem without locks (e.g. Lustre mounted without -o flock): run unguarded
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                fh.close()
+                raise
+            return fh
         try:
             same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
         except FileNotFoundError:
