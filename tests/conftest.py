@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,22 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run the test with the current directory set to a fresh temporary folder (configs use relative paths)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One `fusechat demo --small` (a few minutes) per session, shared by the end-to-end and report tests: the
+    folder it ran in (its `runs/`) and the finished process."""
+    cwd = tmp_path_factory.mktemp("demo")
+    done = subprocess.run(
+        [sys.executable, "-m", "fusechat.cli", "demo", "--small"],
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "160"},
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    return cwd, done
 
 
 @pytest.fixture(scope="session")

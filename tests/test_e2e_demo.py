@@ -24,9 +24,10 @@ def demo(cwd, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_small_demo_runs_every_stage_with_lineage(tmp_path):
-    first = demo(tmp_path)
+def test_small_demo_runs_every_stage_with_lineage(small_demo):
+    tmp_path, first = small_demo  # also rendered in Chromium by test_report.py
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "report: runs/demo/report.html" in first.stdout
     store = RunStore(tmp_path / "runs/demo")
     latest = {stage: store.latest(stage) for stage in ("prompts", "samples", "scores", "datasets", "sft", "dpo")}
     assert all(v is not None and v.manifest["status"] == "complete" for v in latest.values()), latest
@@ -107,3 +108,4 @@ def test_small_demo_runs_every_stage_with_lineage(tmp_path):
         assert cells[1:4] == [f"{100 * acc[skill]:.1f}" for acc in (before, sft, dpo)]
         assert cells[5] == f"{round(100 * dpo[skill], 1) - round(100 * before[skill], 1):+.1f}"
     assert "average (4 benchmarks)" in table
+    assert "report: runs/demo/report.html" in run.stdout

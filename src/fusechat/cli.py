@@ -108,6 +108,7 @@ READS = {
     "sft": ("datasets",),
     "dpo": ("datasets", "sft"),
     "eval": ("sft", "dpo"),
+    "report": ("prompts", "samples", "scores", "datasets", "sft", "dpo", "eval"),
 }
 
 
@@ -452,7 +453,7 @@ def run(
 ) -> None:
     """Every stage in order (prompts, sample, score, build, sft, dpo, eval), each skipped when cached; stops at
     the first error with the stage named. Evaluates the target before fusion, after SFT and after DPO, and prints
-    the scores and deltas per benchmark."""
+    the scores and deltas per benchmark. Ends by writing the run's report.html (see `fusechat report`)."""
     from fusechat.eval.compare import comparison, fusion_columns
     from fusechat.pipeline import run_pipeline
 
@@ -463,6 +464,31 @@ def run(
     if evals:
         table = comparison(fusion_columns(evals), deltas=True)
         console.print(comparison_table(table, f"{cfg.name}: the target before and after fusion"))
+    from fusechat.report import report_after_run
+
+    path = report_after_run(_store(cfg), say)
+    if path is not None:
+        say(f"report: {path} (open it in a browser)")
+
+
+@app.command()
+@user_errors
+def report(
+    config: ConfigOpt,
+    input_: InputOpt = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of <run dir>/report.html.")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write report.html in the run directory: one self-contained page (plots embedded, no network) of prompts,
+    rewards, winners, DPO margins, drops, training curves, evaluation and lineage, read from the versions on disk.
+    Shows the latest dpo version and what it was made from, unless --input pins versions."""
+    from fusechat.config import load_config
+    from fusechat.report import write_report
+
+    cfg = load_config(config, set_, check_trl=False)
+    say(f"report: {write_report(_store(cfg), pinned=parse_inputs(input_, 'report'), out=output)}")
 
 
 @app.command()
@@ -473,7 +499,8 @@ def demo(
     set_: SetOpt = None,
 ) -> None:
     """Build the tiny demo world under runs/ (cached) and run the whole pipeline on it on CPU: three specialist
-    sources, a weak target, SFT then DPO; prints held-out accuracy per skill for every model."""
+    sources, a weak target, SFT then DPO; prints held-out accuracy per skill for every model and writes
+    runs/demo/report.html."""
     from fusechat.demo.run import run_demo
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -481,6 +508,8 @@ def demo(
     result = run_demo(seed=seed, small=small, overrides=set_ or [], log=say, progress_for=stage_progress)
     console.print(results_table(result))
     say("(also written to runs/demo/results.md)")
+    if result.get("report"):
+        say(f"report: {result['report']} (open it in a browser)")
 
 
 def results_table(result) -> Table:
@@ -504,7 +533,7 @@ def results_table(result) -> Table:
 
 
 # `fusechat --help` lists the commands in pipeline order, whatever order they are defined in.
-_ORDER = ["prompts", "sample", "score", "build", "sft", "dpo", "eval", "run", "status", "clean", "demo"]
+_ORDER = ["prompts", "sample", "score", "build", "sft", "dpo", "eval", "run", "status", "clean", "report", "demo"]
 app.registered_commands.sort(key=lambda c: _ORDER.index(c.name or c.callback.__name__))
 
 

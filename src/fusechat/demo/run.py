@@ -15,8 +15,9 @@ from fusechat.config import FusechatConfig, load_config
 from fusechat.store import RunStore, Version
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
-# Fewer prompts and steps for the end-to-end test: every stage runs, fusion is weaker.
-SMALL_OVERRIDES = ["sft.max_steps=40", "dpo.max_steps=10"]
+# Fewer prompts and steps for the end-to-end test: every stage runs, fusion is weaker. Logged often enough that
+# the report still draws curves.
+SMALL_OVERRIDES = ["sft.max_steps=40", "dpo.max_steps=10", "sft.logging_steps=4", "dpo.logging_steps=1"]
 
 
 def sampling_engine() -> str:
@@ -64,6 +65,10 @@ def run_demo(
     result["engine"] = engine
     (store.root / "results.md").write_text(markdown(result))
     (store.root / "results.json").write_text(json.dumps(result, indent=2))
+    from fusechat.report import report_after_run
+
+    report = report_after_run(store, log)  # `fusechat demo` prints its path after the tables
+    result["report"] = str(report) if report else None
     return result
 
 
