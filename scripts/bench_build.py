@@ -4,7 +4,8 @@ Generates (streaming, in batches) a prompts, a samples and a scores version: 4 s
 domains chat / math / code / chinese, rewards on the ArmoRM scale, math/code correctness, a few null rewards,
 truncated and empty responses; every text unique. The target tokenizer is a byte-level BPE with a Llama-3 chat
 template. Then runs the build in a fresh process and reports its wall time and peak RSS (ru_maxrss of the
-child), plus the stage's own timings.
+child), plus the stage's own timings and what the length filter measured (`lengths`: responses bounded, tokenized,
+excluded as too long). Target: 3.2M responses with the filter on in <= 120 s and <= 4 GB.
 
     python scripts/bench_build.py                      # 3.2M responses (~7 GB on disk under --out)
     python scripts/bench_build.py --responses 200000   # quick
@@ -108,6 +109,7 @@ def generate(root: Path, n_responses: int, max_length: int | None, seed: int = 0
                     "text": text,
                     "num_tokens": np.full(len(r), 500),
                     "finish_reason": np.where(rng.random(len(r)) < 0.03, "length", "stop"),
+                    "identical_samples": np.zeros(len(r), dtype=bool),
                 }
             )
             pq.write_table(table.cast(SAMPLES_SCHEMA), out / "data" / f"chunk-{b:05d}.parquet", row_group_size=16_384)
@@ -154,6 +156,7 @@ def build_once(config: str) -> None:
                 "version": version.name,
                 "counts": {k: v for k, v in version.manifest["counts"].items() if not isinstance(v, dict)},
                 "timings": version.manifest["timings"],
+                "lengths": json.loads((version.path / "stats.json").read_text())["lengths"],
             }
         )
     )

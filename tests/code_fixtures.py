@@ -120,9 +120,9 @@ LEETCODE_ROWS = {
 }
 
 
-def write_leetcode(path: Path) -> Path:
+def write_leetcode(path: Path, rows_by_slug: dict = LEETCODE_ROWS) -> Path:
     rows = []
-    for i, (slug, (content, python, _)) in enumerate(LEETCODE_ROWS.items(), 1):
+    for i, (slug, (content, python, _)) in enumerate(rows_by_slug.items(), 1):
         rows.append(
             {
                 "id": i,
@@ -189,9 +189,9 @@ SELF_OSS_ROWS = {
 }
 
 
-def write_self_oss(path: Path) -> Path:
+def write_self_oss(path: Path, rows_by_instruction: dict = SELF_OSS_ROWS) -> Path:
     rows = []
-    for i, (instruction, (response, _)) in enumerate(SELF_OSS_ROWS.items()):
+    for i, (instruction, (response, _)) in enumerate(rows_by_instruction.items()):
         rows.append(
             {
                 "fingerprint": None,

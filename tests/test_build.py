@@ -235,8 +235,11 @@ def test_stats_count_every_prompt_and_token_lengths_match_the_template(world):
     }
     assert set(domains["math"]["by_source"]) == math_sources
     tok = load_tokenizer(world["cfg"].target.path)
-    for row in pq.read_table(world["version"].path / "sft" / "train.parquet").to_pylist()[:5]:
-        assert row["num_tokens"] == len(tok.apply_chat_template(row["messages"], tokenize=True)["input_ids"])
+    rows = pq.read_table(world["version"].path / "sft" / "train.parquet").to_pylist()
+    for row in rows:  # exact where build tokenized the row, else null (a bound settled that it fits)
+        exact = len(tok.apply_chat_template(row["messages"], tokenize=True)["input_ids"])
+        assert row["num_tokens"] in (None, exact) and exact <= 2048
+    assert stats["lengths"]["bound"] == "bytes" and stats["lengths"]["tokenized"] == 0  # char level: bytes settle it
 
 
 def test_second_build_is_cached_then_byte_identical_with_force(world):
@@ -249,18 +252,80 @@ def test_second_build_is_cached_then_byte_identical_with_force(world):
         assert (forced.path / name).read_bytes() == (world["version"].path / name).read_bytes(), name
 
 
-def test_max_length_drops_and_counts_long_rows(world):
-    cfg = world["cfg"].model_copy(update={"build": world["cfg"].build.model_copy(update={"max_length": 60})})
-    version = run_build(cfg, world["store"], log=lambda m: None)
+def exact_lengths(world, tok) -> dict[tuple, int]:
+    """Every candidate conversation's tokens in the target's template, by (prompt_id, source, sample_index)."""
+    turns = {p["prompt_id"]: p["messages"] for p in read_prompts(world["prompts"]).to_pylist()}
+    return {
+        (s["prompt_id"], s["source"], s["sample_index"]): len(
+            tok.apply_chat_template([*turns[s["prompt_id"]], {"role": "assistant", "content": s["text"]}])["input_ids"]
+        )
+        for s in world["samples"]
+    }
+
+
+def test_over_length_responses_give_way_to_the_next_best(tmp_path, tiny_llama):
+    from fusechat.tokenizers import load_tokenizer
+
+    limit = 120  # the short answers fit, the 300-character ones do not
+    cfg = load_config(write_config(tmp_path, tiny_llama, max_length=limit), check_trl=False)
+    store = RunStore(cfg.run_dir)
+    pv = run_prompts(cfg, store, log=lambda m: None)
+
+    def best_is_long(samples, scores):  # each source's first sample: too long, and the best-rewarded
+        for s, c in zip(samples, scores, strict=True):
+            if s["sample_index"] == 0:
+                s["text"], s["finish_reason"], c["reward"] = f"long answer {'x' * 300}", "stop", 0.2
+
+    _, _, samples, scores = write_responses(store, pv, seed=5, tamper=best_is_long)
+    world = {"prompts": pv, "samples": samples, "scores": scores}
+    version = run_build(cfg, store, log=lambda m: None)
     stats = json.loads((version.path / "stats.json").read_text())
-    assert stats["sft"]["dropped"]["too_long"] > 0 and stats["dpo"]["dropped"]["too_long"] > 0
-    assert stats["sft"]["tokens"]["max"] <= 60
-    dpo = pq.read_table(version.path / "dpo" / "train.parquet")
-    assert max(dpo.column("chosen_tokens").to_pylist() + dpo.column("rejected_tokens").to_pylist()) <= 60
-    base = json.loads((world["version"].path / "stats.json").read_text())
-    assert stats["sft"]["rows"] + stats["sft"]["dropped"]["too_long"] == base["sft"]["rows"] + base["sft"][
-        "dropped"
-    ].get("too_long", 0)
+    tok = load_tokenizer(cfg.target.path)
+    length = exact_lengths(world, tok)
+    prompts = {p["prompt_id"]: p for p in read_prompts(world["prompts"]).to_pylist()}
+    score = {(c["prompt_id"], c["source"], c["sample_index"]): c for c in world["scores"]}
+
+    def acceptable(s) -> bool:
+        c = score[(s["prompt_id"], s["source"], s["sample_index"])]
+        ok = c["reward"] is not None and c["reward"] == c["reward"] and s["finish_reason"] == "stop"
+        ok = ok and bool(s["text"].strip())
+        return ok and (prompts[s["prompt_id"]]["domain"] != "math" or c["correct"])
+
+    best, best_fitting = {}, {}
+    for s in world["samples"]:
+        if prompts[s["prompt_id"]]["split"] != "sft" or not acceptable(s):
+            continue
+        key = (s["prompt_id"], s["source"], s["sample_index"])
+        reward = score[key]["reward"]
+        best[s["prompt_id"]] = max(best.get(s["prompt_id"], -1.0), reward)
+        if length[key] <= limit:
+            best_fitting[s["prompt_id"]] = max(best_fitting.get(s["prompt_id"], -1.0), reward)
+    sft = pq.read_table(version.path / "sft" / "train.parquet").to_pylist()
+    # every SFT prompt with an acceptable response that fits has a row: the best-rewarded of those that fit
+    assert {r["prompt_id"]: r["reward"] for r in sft} == best_fitting
+    gave_way = [p for p in best_fitting if best_fitting[p] < best[p]]
+    assert gave_way, "the world should have prompts whose best answer is too long"
+    for r in sft:
+        assert len(tok.apply_chat_template(r["messages"])["input_ids"]) <= limit
+    dpo = pq.read_table(version.path / "dpo" / "train.parquet").to_pylist()
+    assert dpo and all(length[(r["prompt_id"], r["source"], r["chosen_index"])] <= limit for r in dpo)
+    assert all(length[(r["prompt_id"], r["source"], r["rejected_index"])] <= limit for r in dpo)
+    assert stats["responses"]["excluded"]["too_long"] > 0 and "too_long" not in stats["sft"]["dropped"]
+    report = stats["lengths"]
+    assert report["max_length"] == limit and report["rounds"] >= 1 and report["excluded_too_long"] > 0
+    assert 0 < report["tokenized"] <= report["bounded"] < len(world["samples"])  # only what was in contention
+
+    # truncate: a too-long winner competes whole and is written cut to fit
+    cut = cfg.model_copy(update={"build": cfg.build.model_copy(update={"over_length": "truncate"})})
+    version = run_build(cut, store, log=lambda m: None)
+    stats = json.loads((version.path / "stats.json").read_text())
+    rows = {r["prompt_id"]: r for r in pq.read_table(version.path / "sft" / "train.parquet").to_pylist()}
+    assert {p: r["reward"] for p, r in rows.items()} == best
+    shortened = [rows[p] for p in gave_way]
+    assert stats["lengths"]["truncated"]["sft"] >= len(shortened) > 0
+    for r in shortened:
+        assert r["num_tokens"] == len(tok.apply_chat_template(r["messages"])["input_ids"]) <= limit
+        assert r["messages"][-1]["content"].startswith("long answer x")
 
 
 def test_identical_texts_are_dropped(tmp_path, tiny_llama):

@@ -263,3 +263,40 @@ def test_random_rows_match_a_brute_force_reading_of_the_rules():
     dropped = sum(sel.dropped["dpo"].values())
     assert dropped + len(dpo_prompts) == sum(1 for _, _, s in ids if s == "dpo")
     assert sum(sel.dropped["sft"].values()) + len(sft) == sum(1 for _, _, s in ids if s == "sft")
+
+
+def test_a_source_with_identical_samples_makes_no_pair_and_such_prompts_are_counted():
+    p = prompts(("a", "chat", "dpo"), ("b", "chat", "dpo"), ("c", "chat", "sft"))
+    rows = [
+        ("a", "m1", 0, 0.50), ("a", "m1", 1, 0.45),  # m1 repeats itself on a: no pair from it
+        ("a", "m2", 0, 0.40), ("a", "m2", 1, 0.35),
+        ("b", "m1", 0, 0.50), ("b", "m1", 1, 0.45),  # only m1 answered b, identically: b is dropped
+        ("c", "m1", 0, 0.50), ("c", "m1", 1, 0.45),  # SFT is not affected
+    ]  # fmt: skip
+    c = cands(*rows)
+    same = [r[0] in ("a", "b") and r[1] == "m1" or r[0] == "c" for r in rows]
+    c = c.append_column("identical_samples", pa.array(same))
+    sel = select(p, c, RULES, seed=0)
+    assert picks(sel.dpo, "prompt_id", "source") == [("a", "m2")]
+    assert sel.dropped["dpo"] == {"identical_samples": 1}
+    assert picks(sel.sft, "prompt_id", "reward") == [("c", 0.5)]
+
+
+def test_too_long_responses_are_excluded_and_the_contenders_cover_every_pair_that_could_take_over():
+    p = prompts(("s", "chat", "sft"), ("d", "chat", "dpo"))
+    rows = [
+        ("s", "m1", 0, 0.9), ("s", "m1", 1, 0.8), ("s", "m2", 0, 0.7),
+        ("d", "m1", 0, 0.50), ("d", "m1", 1, 0.48),  # in the band (0.02): kept
+        ("d", "m2", 0, 0.60), ("d", "m2", 1, 0.55), ("d", "m2", 2, 0.30),  # above it (0.3): may enter it
+        ("d", "m3", 0, 0.50), ("d", "m3", 1, 0.499),  # below it: never
+    ]  # fmt: skip
+    c = cands(*rows)
+    sel = select(p, c, RULES, seed=0)
+    assert picks(sel.dpo, "source") == [("m1",)]
+    assert set(sel.contenders.tolist()) == {0, 3, 4, 5, 7}  # SFT's best, the kept pair, the above-band pair
+    # m2's worst answer is too long: its pair narrows to 0.05, into the band, and wins on the larger gap
+    long = c.append_column("too_long", pa.array([True] + [False] * 6 + [True] + [False] * 2))
+    sel = select(p, long, RULES, seed=0)
+    assert picks(sel.sft, "sample_index", "reward") == [(1, 0.8)]  # the next best takes the over-long one's place
+    assert sel.excluded == {"too_long": 2}
+    assert picks(sel.dpo, "source", "chosen_index", "rejected_index") == [("m2", 0, 1)]

@@ -12,7 +12,7 @@ from fusechat.cli import app
 from fusechat.config import SourceModel
 from fusechat.sample.engines import Completion, cut_at_stop
 from fusechat.sample.render import chat_template, render_ids, stop_token_ids, with_system
-from fusechat.sample.stage import chunk_seed, completion_rows, plan_chunks
+from fusechat.sample.stage import chunk_seed, completion_rows, dataset_rows, plan_chunks
 from fusechat.tokenizers import load_tokenizer
 
 
@@ -58,6 +58,7 @@ def test_completion_rows():
             "text": "[1, 2]",
             "num_tokens": 2,
             "finish_reason": "stop",
+            "identical_samples": False,
         },
         {
             "prompt_id": "p1",
@@ -66,8 +67,26 @@ def test_completion_rows():
             "text": "[3]",
             "num_tokens": 1,
             "finish_reason": "length",
+            "identical_samples": False,
         },
     ]
+    same = completion_rows("p2", "m", [Completion([4], "stop"), Completion([4], "stop")], lambda ids: str(ids))
+    assert [r["identical_samples"] for r in same] == [True, True]
+    alone = completion_rows("p3", "m", [Completion([4], "stop")], lambda ids: str(ids))
+    assert alone[0]["identical_samples"] is False  # one sample is not a repetition
+
+
+def test_dataset_rows_take_the_first_k_answers_as_finished_responses():
+    src = SourceModel(name="405b", engine="dataset", dataset="omi2", samples={"math": 2})
+    prompts = [{"prompt_id": "a", "domain": "math"}, {"prompt_id": "b", "domain": "math"}]
+    rows = dataset_rows(src, prompts, {"a": ["x", "y", "z"], "b": ["w"]})
+    assert [(r["prompt_id"], r["sample_index"], r["text"]) for r in rows] == [
+        ("a", 0, "x"),
+        ("a", 1, "y"),
+        ("b", 0, "w"),
+    ]
+    assert {r["finish_reason"] for r in rows} == {"stop"} and {r["num_tokens"] for r in rows} == {None}
+    assert dataset_rows(src, prompts, {"a": ["x", "x"]})[0]["identical_samples"] is True
 
 
 def test_system_prompt_policies():
@@ -154,7 +173,11 @@ NO_SYSTEM_TEMPLATE = (  # like Gemma-2's
         ("hub id offline", [], "sources[0].model (m): cannot load 'nobody-xyz/no-such-model'"),
         ("no template", [], "has no chat template; set sources[0].chat_template"),
         ("template file", [], "sources[0].chat_template: missing.jinja: file not found"),
-        ("unknown engine", ["--set", "sources.0.engine=sglang"], "sources[0].engine: Input should be 'vllm' or"),
+        (
+            "unknown engine",
+            ["--set", "sources.0.engine=sglang"],
+            "sources[0].engine: Input should be 'vllm', 'transformers' or 'dataset'",
+        ),
         ("unknown source", ["--source", "zz"], "--source zz: not in the config's sources (m)"),
         ("bad shard", ["--shard", "3/2"], "--shard '3/2': expected I/N with 1 <= I <= N"),
         ("pinned other stage", ["--input", "scores=v001"], "--input scores=...: sample reads only prompts"),
@@ -189,3 +212,63 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(
     if case == "system rejected":
         assert "the template failed: System role not supported (for a template without system turns set " in lines[0]
     assert not (in_tmp / "runs" / "e" / "samples").exists() or not any((in_tmp / "runs" / "e" / "samples").iterdir())
+
+
+def test_a_dataset_source_samples_the_kept_answers_without_a_model(tmp_path):
+    import pyarrow.parquet as pq
+    from recipe_fixtures import write_openmathinstruct2
+
+    from fusechat.config import FusechatConfig
+    from fusechat.errors import UserError
+    from fusechat.prompts import read_responses, run_prompts
+    from fusechat.sample import run_sample
+    from fusechat.store import RunStore
+
+    omi2 = {
+        "name": "openmathinstruct2",
+        "path": str(write_openmathinstruct2(tmp_path / "omi2.jsonl", n=5, solutions=3)),
+        "domain": "math",
+        "fields": {"prompt": "problem", "answer": "expected_answer", "response": "generated_solution"},
+    }
+    data = {
+        "name": "d",
+        "workdir": str(tmp_path / "runs"),
+        "prompts": {"sources": [omi2]},
+        "sources": [
+            {
+                "name": "llama-3.1-405b-instruct",
+                "engine": "dataset",
+                "dataset": "openmathinstruct2",
+                "samples": {"math": 2},
+            }
+        ],
+    }
+    cfg = FusechatConfig.model_validate(data)
+    store = RunStore(cfg.run_dir)
+    prompts = run_prompts(cfg, store, log=lambda m: None)
+    logs: list[str] = []
+    version = run_sample(cfg, store, log=logs.append)
+    assert any("answers of prompt source 'openmathinstruct2'" in m for m in logs)
+    rows = pq.read_table(version.data).to_pylist()
+    answers = read_responses(prompts).to_pylist()
+    assert len(rows) == 10 and {r["source"] for r in rows} == {"llama-3.1-405b-instruct"}
+    first_two = {(a["prompt_id"], a["text"]) for a in answers if a["response_index"] < 2}
+    assert {(r["prompt_id"], r["text"]) for r in rows} == first_two
+    assert version.manifest["counts"]["by_source"]["llama-3.1-405b-instruct"]["prompts"] == 5
+
+    with pytest.raises(ValueError, match=r"sources\[0\].dataset: 'nope' is not a prompt source with fields.response"):
+        FusechatConfig.model_validate({**data, "sources": [{**data["sources"][0], "dataset": "nope"}]})
+    with pytest.raises(ValueError, match="engine: dataset takes `dataset`"):
+        FusechatConfig.model_validate({**data, "sources": [{**data["sources"][0], "model": "x"}]})
+    no_answers = {**data, "workdir": str(tmp_path / "other")}
+    no_answers["prompts"] = {
+        "sources": [{**omi2, "fields": {**omi2["fields"], "response": None}}, {**omi2, "name": "b"}]
+    }
+    # source b reads the same problems, which source a already took (duplicates): it keeps no answer
+    no_answers["sources"] = [{**data["sources"][0], "dataset": "b"}]
+    cfg = FusechatConfig.model_validate(no_answers)
+    run_prompts(cfg, RunStore(cfg.run_dir), log=lambda m: None)
+    with pytest.raises(
+        UserError, match=r"sources\[0\].dataset \(llama-3.1-405b-instruct\): prompts/v001 holds no answers"
+    ):
+        run_sample(cfg, RunStore(cfg.run_dir), log=lambda m: None)

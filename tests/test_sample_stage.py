@@ -72,6 +72,15 @@ def world(in_tmp, tiny_llama, tiny_qwen2):
 EXPECTED_ROWS = 8 * 2 + 4 * 1 + 4 * 3  # llama: 8 chat x 2 + 4 math x 1; qwen: 4 math x 3
 
 
+def files_of(parts, source):
+    """{chunk file name: (inode, mtime)} of a source's part(s): a file rewritten or copied gets a new inode."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts.glob(f"{source}-*/data/*.parquet")}
+
+
+def version_files(version, source=""):
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in version.data.glob(f"{source}*.parquet")}
+
+
 def rows_of(version_dir):
     table = pq.read_table(version_dir / "data")
     return sorted(table.to_pylist(), key=lambda r: (r["source"], r["prompt_id"], r["sample_index"]))
@@ -86,17 +95,17 @@ def test_source_then_kill_then_resume_equals_an_uninterrupted_run(world):
     assert json.loads((partial / "progress.json").read_text()) == {"chunks": "6/8", "llama": "6/6", "qwen": "0/2"}
     assert "partial" in cli("status", "-c", "cfg.yaml", cwd=world).stdout
 
-    # Every source, killed with SIGKILL after its first new chunk lands.
-    data = partial / "data"
-    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in data.glob("*.parquet")}
+    # Every source, killed with SIGKILL after its first new chunk lands (chunks land in each source's part).
+    parts = store.root / "samples" / "parts"
+    before = files_of(parts, "llama")
     proc = cli("sample", "-c", "cfg.yaml", cwd=world, wait=False)
     deadline = time.time() + 240
-    while len(list(data.glob("qwen-*.parquet"))) < 1 and proc.poll() is None and time.time() < deadline:
+    while not files_of(parts, "qwen") and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    survived = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in data.glob("*.parquet")}
+    survived = {**files_of(parts, "llama"), **files_of(parts, "qwen")}
     assert "qwen-00000.parquet" in survived and "qwen-00001.parquet" not in survived
     assert store.versions("samples") == []
 
@@ -104,7 +113,7 @@ def test_source_then_kill_then_resume_equals_an_uninterrupted_run(world):
     result = cli("sample", "-c", "cfg.yaml", cwd=world)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "qwen: loading" in result.stdout and "1 of 2 chunks to do" in result.stdout
-    assert "llama: loading" not in result.stdout
+    assert "llama: loading" not in result.stdout and "llama: cached (samples/parts/llama-" in result.stdout
     [version] = store.versions("samples")
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in version.data.glob("*.parquet")}
     assert {name: after[name] for name in survived} == survived
@@ -138,3 +147,47 @@ def test_source_then_kill_then_resume_equals_an_uninterrupted_run(world):
     [sharded] = RunStore(world / "sharded" / "s").versions("samples")
     assert rows_of(sharded.path) == resumed
     assert sharded.fingerprint == version.fingerprint
+
+
+def test_adding_a_source_or_changing_one_samples_only_that_source(world):
+    base = yaml.safe_load((world / "cfg.yaml").read_text())
+    llama, qwen = base["sources"]
+    store = RunStore(world / "runs" / "s")
+
+    def sample(sources, name):
+        (world / name).write_text(yaml.safe_dump({**base, "sources": sources}))
+        result = cli("sample", "-c", name, cwd=world)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout, store.latest("samples")
+
+    out, first = sample([llama], "one.yaml")
+    assert "llama: loading" in out
+    llama_files = version_files(first)
+    assert set(llama_files) == {f"llama-{n:05d}.parquet" for n in range(6)}
+
+    # Adding a source: only the new one is sampled; the other's files in the new version are the very same files.
+    out, second = sample([llama, qwen], "two.yaml")
+    assert "llama: cached (samples/parts/llama-" in out and "llama: loading" not in out and "qwen: loading" in out
+    assert second.name == "v002"
+    assert version_files(second, "llama") == llama_files
+    assert version_files(first) == llama_files
+    assert [r for r in rows_of(second.path) if r["source"] == "llama"] == rows_of(first.path)
+    assert second.manifest["parts"]["llama"]["reused_from"] == "v001"
+    assert second.manifest["parts"]["qwen"]["reused_from"] is None
+    assert "llama=cached(v001) qwen=sampled" in cli("status", "-c", "two.yaml", cwd=world).stdout.replace("\n", "")
+
+    # One source's temperature changes: only it is sampled again. Greedy (0) makes its k=3 samples identical, which
+    # the manifest counts per source.
+    out, third = sample([llama, {**qwen, "sampling": {**qwen["sampling"], "temperature": 0.0}}], "three.yaml")
+    assert "llama: cached" in out and "llama: loading" not in out and "qwen: loading" in out
+    assert version_files(third, "llama") == llama_files
+    qwen_rows = [r for r in rows_of(third.path) if r["source"] == "qwen"]
+    assert qwen_rows != [r for r in rows_of(second.path) if r["source"] == "qwen"]
+    assert all(r["identical_samples"] for r in qwen_rows) and len(qwen_rows) == 12
+    assert third.manifest["counts"]["by_source"]["qwen"]["identical_prompts"] == 4
+    assert second.manifest["counts"]["by_source"]["qwen"]["identical_prompts"] == 0
+    assert third.manifest["parts"]["llama"]["reused_from"] == "v001"
+
+    # Back to the first settings: every part exists, so the version is made without sampling anything.
+    out, back = sample([llama, qwen], "four.yaml")
+    assert "cached: samples/v002" in out and back.name == "v003"

@@ -2,13 +2,14 @@
 
 Reads like a recipe: resolve the inputs (scores, then the samples and prompts it was made from), read ids and
 scores of every response (no texts kept: a text is read only to flag it empty), match scores to samples, `select`
-winners, read the texts of the winners only, render them with the target's chat template to drop what exceeds
-`build.max_length`, write `sft/` and `dpo/` in TRL's conversational formats and `stats.json`. Memory holds ids,
-scores and the kept texts, never all texts.
+winners, read the texts of the winners only, write `sft/` and `dpo/` in TRL's conversational formats and
+`stats.json`. Memory holds ids, scores and the kept texts, never all texts.
 
-Length and identical-text filters run after selection (they need texts): a winner over `max_length` is dropped
-and counted, not replaced by the runner-up, because measuring every response in target tokens would mean
-tokenizing all texts.
+Length (`build.max_length`, the target's tokens of prompt + response): a response that does not fit is excluded
+before choosing, so the next-best acceptable one wins (`select_fitting`); with `build.over_length: truncate` it
+stays a candidate and is cut to fit when selected, as the paper's trainer did. Only the responses in contention
+are measured (the winners, and the pairs that could replace a kept one), each by a cheap upper bound first and
+tokenized only when the bound does not settle it (`fusechat.lengths`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from fusechat.config import FusechatConfig
 from fusechat.errors import UserError
+from fusechat.lengths import TargetLengths
 from fusechat.prompts import MESSAGE, read_prompts
 from fusechat.selection import Selection, codes_in, dictionary_codes, select
 from fusechat.store import RunStore, StageResult, Version, model_identity, run_stage, write_json_atomic
@@ -63,6 +65,7 @@ DPO_SCHEMA = pa.schema(
 INPUTS = ("prompts", "samples", "scores")
 READ_BATCH = 65_536
 WRITE_CHUNK = 2_048
+SELF_CHECK = 256  # candidates tokenized to check the length bound before it is trusted
 
 Progress = Callable[[str, int, int], None]  # phase, done, total
 
@@ -131,12 +134,12 @@ def run_build(
 ) -> Version:
     check_config(cfg)
     inputs = resolve_inputs(store, pinned or {})
-    count_tokens = token_counter(cfg)
-    if count_tokens is None:
+    lengths = target_lengths(cfg)
+    if lengths is None:
         log("note: build.max_length is null, so no length filter")
 
     def body(out: Path) -> StageResult:
-        result = build_datasets(cfg, inputs, out, count_tokens, progress or (lambda *a: None))
+        result = build_datasets(cfg, inputs, out, lengths, progress or (lambda *a: None), log)
         if not result.counts["sft_rows"] and not result.counts["dpo_pairs"]:
             warnings = json.loads((out / "stats.json").read_text()).get("warnings") or ["see the drop counts"]
             raise UserError(f"build: {inputs['scores'].ref} yields no SFT row and no DPO pair: {warnings[0]}")
@@ -154,8 +157,9 @@ def build_datasets(
     cfg: FusechatConfig,
     inputs: dict[str, Version],
     out: Path,
-    count_tokens: Callable[[list], np.ndarray] | None,
+    lengths: TargetLengths | None,
     progress: Progress,
+    log: Callable[[str], None] = print,
 ) -> StageResult:
     timings: dict[str, float] = {}
     started = time.time()
@@ -166,7 +170,8 @@ def build_datasets(
     timings["read_scores_s"] = round(time.time() - started, 3)
 
     started = time.time()
-    selection = select(prompts.select(["prompt_id", "domain", "split"]), candidates, cfg.build, cfg.seed)
+    fit = Fitting(cfg, lengths, prompts, candidates, where, progress, log)
+    selection = fit.select()
     timings["select_s"] = round(time.time() - started, 3)
 
     started = time.time()
@@ -190,7 +195,7 @@ def build_datasets(
     messages = prompts.column("messages")
     post = {"sft": Counter(), "dpo": Counter()}
     post_by_domain: dict[str, dict[str, Counter]] = {"sft": defaultdict(Counter), "dpo": defaultdict(Counter)}
-    lengths = {"sft": [], "dpo": []}
+    lengths_seen = {"sft": [], "dpo": []}
     (out / "sft").mkdir(parents=True)
     (out / "dpo").mkdir(parents=True)
     sft, dpo = selection.sft, selection.dpo
@@ -199,21 +204,19 @@ def build_datasets(
         for start in range(0, sft.num_rows, WRITE_CHUNK):
             part = sft.slice(start, WRITE_CHUNK)
             turns = messages.take(codes_in(part.column("prompt_id"), prompts.column("prompt_id"))).to_pylist()
-            convs = [
-                [*t, {"role": "assistant", "content": x}]
-                for t, x in zip(turns, text_of(part.column("row")), strict=True)
-            ]
-            n_tok = _count(count_tokens, convs)
-            keep = _fits(n_tok, cfg.build.max_length)
+            row = part.column("row").to_numpy()
+            answer, n_tok, keep, cut = fit.fitted(row, turns, text_of(part.column("row")))
             post["sft"]["too_long"] += int((~keep).sum())
             _tally(post_by_domain["sft"], part.column("domain"), ~keep, "too_long")
-            lengths["sft"].append(n_tok[keep])
+            fit.cut["sft"] += int(cut.sum())
+            lengths_seen["sft"].append(n_tok[keep])
             idx = np.flatnonzero(keep)
+            convs = [[*turns[i], {"role": "assistant", "content": answer[i]}] for i in idx]
             table = (
                 part.take(idx)
                 .drop_columns(["row"])
-                .append_column("messages", pa.array([convs[i] for i in idx], pa.list_(MESSAGE)))
-                .append_column("num_tokens", pa.array(n_tok[keep], pa.int32()))
+                .append_column("messages", pa.array(convs, pa.list_(MESSAGE)))
+                .append_column("num_tokens", pa.array(n_tok[keep], pa.int32(), mask=n_tok[keep] < 0))
             )
             writer.write_table(table.select(SFT_SCHEMA.names).cast(SFT_SCHEMA))
             progress("writing", start + part.num_rows, total)
@@ -221,22 +224,22 @@ def build_datasets(
         for start in range(0, dpo.num_rows, WRITE_CHUNK):
             part = dpo.slice(start, WRITE_CHUNK)
             turns = messages.take(codes_in(part.column("prompt_id"), prompts.column("prompt_id"))).to_pylist()
-            chosen, rejected = text_of(part.column("chosen_row")), text_of(part.column("rejected_row"))
+            chosen, c_tok, c_keep, c_cut = fit.fitted(
+                part.column("chosen_row").to_numpy(), turns, text_of(part.column("chosen_row"))
+            )
+            rejected, r_tok, r_keep, r_cut = fit.fitted(
+                part.column("rejected_row").to_numpy(), turns, text_of(part.column("rejected_row"))
+            )
             identical = np.array([c == r for c, r in zip(chosen, rejected, strict=True)], dtype=bool)
-            c_tok = _count(
-                count_tokens, [[*t, {"role": "assistant", "content": c}] for t, c in zip(turns, chosen, strict=True)]
-            )
-            r_tok = _count(
-                count_tokens, [[*t, {"role": "assistant", "content": r}] for t, r in zip(turns, rejected, strict=True)]
-            )
-            fits = _fits(np.maximum(c_tok, r_tok), cfg.build.max_length)
-            post["dpo"]["identical_texts"] += int(identical.sum())
-            post["dpo"]["too_long"] += int((~identical & ~fits).sum())
-            _tally(post_by_domain["dpo"], part.column("domain"), identical, "identical_texts")
-            _tally(post_by_domain["dpo"], part.column("domain"), ~identical & ~fits, "too_long")
+            fits = c_keep & r_keep
+            cut = (c_cut | r_cut) & fits & ~identical
+            for reason, mask in (("identical_texts", identical), ("too_long", ~identical & ~fits)):
+                post["dpo"][reason] += int(mask.sum())
+                _tally(post_by_domain["dpo"], part.column("domain"), mask, reason)
+            fit.cut["dpo"] += int(cut.sum())
             keep = ~identical & fits
             idx = np.flatnonzero(keep)
-            lengths["dpo"].append(np.maximum(c_tok, r_tok)[keep])
+            lengths_seen["dpo"].append(np.maximum(c_tok, r_tok)[keep])
             table = part.take(idx).drop_columns(["chosen_row", "rejected_row"])
             for name, values in (
                 ("prompt", [turns[i] for i in idx]),
@@ -244,11 +247,12 @@ def build_datasets(
                 ("rejected", [[{"role": "assistant", "content": rejected[i]}] for i in idx]),
             ):
                 table = table.append_column(name, pa.array(values, pa.list_(MESSAGE)))
-            table = table.append_column("chosen_tokens", pa.array(c_tok[keep], pa.int32()))
-            table = table.append_column("rejected_tokens", pa.array(r_tok[keep], pa.int32()))
+            for name, n in (("chosen_tokens", c_tok[keep]), ("rejected_tokens", r_tok[keep])):
+                table = table.append_column(name, pa.array(n, pa.int32(), mask=n < 0))
             writer.write_table(table.select(DPO_SCHEMA.names).cast(DPO_SCHEMA))
             progress("writing", sft.num_rows + start + part.num_rows, total)
     timings["write_s"] = round(time.time() - started, 3)
+    post = {name: Counter({k: v for k, v in c.items() if v}) for name, c in post.items()}
 
     written = {
         name: pq.read_table(
@@ -257,7 +261,8 @@ def build_datasets(
         )
         for name in ("sft", "dpo")
     }
-    stats = make_stats(cfg, inputs, prompts, candidates, selection, post, written, lengths, post_by_domain)
+    stats = make_stats(cfg, inputs, prompts, candidates, selection, post, written, lengths_seen, post_by_domain)
+    stats["lengths"] = fit.report()
     write_json_atomic(out / "stats.json", stats)
     return StageResult(
         counts={
@@ -269,7 +274,7 @@ def build_datasets(
                 for d in sorted(set(prompts.column("domain").to_pylist()))
             },
         },
-        timings=timings,
+        timings={**timings, **{f"length_{k}": v for k, v in fit.timings.items()}},
     )
 
 
@@ -279,18 +284,131 @@ def _tally(counter: dict[str, Counter], domains: pa.ChunkedArray | pa.Array, mas
         counter[domain][reason] += n
 
 
-def _count(count_tokens: Callable[[list], np.ndarray] | None, convs: list) -> np.ndarray:
-    if count_tokens is None or not convs:
-        return np.full(len(convs), -1, dtype=np.int64)  # not measured
-    return count_tokens(convs)
+class Fitting:
+    """`build.max_length` over one build: which candidates fit, measured lazily (see the module docstring).
+
+    `tokens` holds exact counts where a response was tokenized (-1 elsewhere); `too_long` the responses excluded."""
+
+    def __init__(self, cfg, lengths, prompts, candidates, where, progress, log):
+        self.cfg, self.lengths, self.prompts, self.candidates = cfg, lengths, prompts, candidates
+        self.where, self.progress, self.log = where, progress, log
+        self.max_length = cfg.build.max_length
+        n = candidates.num_rows
+        self.tokens = np.full(n, -1, dtype=np.int64)
+        self.bound = np.full(n, -1, dtype=np.int64)
+        self.too_long = np.zeros(n, dtype=bool)
+        self.p = codes_in(candidates.column("prompt_id"), prompts.column("prompt_id")) if n else np.zeros(0, np.int64)
+        self.prompt_bound: np.ndarray | None = None
+        self.rounds = 0
+        self.timings: dict[str, float] = {}
+        self.cut = {"sft": 0, "dpo": 0}  # truncate mode: rows (pairs) written cut to fit
+        self.checked = False  # the bound's self-check ran
+
+    def _time(self, key: str, started: float) -> None:
+        self.timings[key] = round(self.timings.get(key, 0.0) + time.time() - started, 3)
+
+    def select(self) -> Selection:
+        """The selection with every over-long response excluded (exclude mode), else plain."""
+        rules, seed = self.cfg.build, self.cfg.seed
+        base = self.prompts.select(["prompt_id", "domain", "split"])
+        if self.lengths is None or rules.over_length == "truncate":
+            return select(base, self.candidates, rules, seed)
+        while True:
+            selection = select(base, self.candidates.append_column("too_long", pa.array(self.too_long)), rules, seed)
+            new = selection.contenders[self.bound[selection.contenders] < 0]
+            if not len(new):
+                return selection
+            self.rounds += 1
+            self.measure(new)
+            self.too_long[new] = np.where(self.tokens[new] >= 0, self.tokens[new], self.bound[new]) > self.max_length
+
+    def measure(self, rows: np.ndarray, texts: pa.ChunkedArray | None = None) -> None:
+        """Bound `rows` (sorted candidate rows), and tokenize those whose bound exceeds `max_length`."""
+        started = time.time()
+        if self.prompt_bound is None:
+            self.prompt_bound = self.lengths.prompt_bounds(self.prompts.column("messages"))
+            self._time("prompt_bounds_s", started)
+        started = time.time()
+        if texts is None:
+            texts = read_texts(
+                self.where["files"], self.where["file_no"][rows], self.where["row_no"][rows], self.progress
+            )
+            self._time("read_s", started)
+        if not self.checked:
+            self._self_check(rows, texts)
+        started = time.time()
+        self.bound[rows] = self.lengths.bounds(self.prompt_bound[self.p[rows]], texts)
+        self._time("bound_s", started)
+        over = np.flatnonzero((self.bound[rows] > self.max_length) & (self.tokens[rows] < 0))
+        if len(over):
+            started = time.time()
+            messages = self.prompts.column("messages")
+            turns = messages.take(self.p[rows[over]]).to_pylist()
+            convs = [
+                [*t, {"role": "assistant", "content": x}]
+                for t, x in zip(turns, texts.take(over).to_pylist(), strict=True)
+            ]
+            self.tokens[rows[over]] = self.lengths.count(convs)
+            self._time("tokenize_s", started)
+
+    def fitted(
+        self, rows: np.ndarray, turns: list, texts: list[str]
+    ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """For selected rows: the text to write (cut to fit in truncate mode), its tokens (exact, or -1 when only
+        bounded), whether it is kept, whether it was cut."""
+        n = len(rows)
+        keep, cut = np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
+        if self.lengths is None or not n:
+            return texts, np.full(n, -1, dtype=np.int64), keep, cut
+        todo = rows[self.bound[rows] < 0]
+        if len(todo):  # truncate mode (exclude mode measured every selected row already)
+            order = np.argsort(todo)
+            pos = np.flatnonzero(self.bound[rows] < 0)[order]
+            self.measure(todo[order], pa.chunked_array([pa.array([texts[i] for i in pos], pa.string())]))
+        tokens = self.tokens[rows].copy()
+        over = np.flatnonzero(np.where(tokens >= 0, tokens, self.bound[rows]) > self.max_length)
+        texts = list(texts)
+        for i in over:
+            fitted = (
+                self.lengths.truncate(turns[i], texts[i], self.max_length)
+                if self.cfg.build.over_length == "truncate"
+                else None
+            )
+            if fitted is None:
+                keep[i] = False
+            else:
+                texts[i], tokens[i] = fitted
+                cut[i] = True
+        return texts, tokens, keep, cut
+
+    def _self_check(self, rows: np.ndarray, texts: pa.ChunkedArray) -> None:
+        """The bound against exact counts on a seeded sample of the first rows measured, before it is trusted."""
+        self.checked = True
+        pick = np.sort(
+            np.random.default_rng(self.cfg.seed).choice(len(rows), size=min(len(rows), SELF_CHECK), replace=False)
+        )
+        turns = self.prompts.column("messages").take(self.p[rows[pick]])
+        self.lengths.self_check(turns, texts.take(pick).to_pylist(), self.log)
+
+    def report(self) -> dict[str, Any]:
+        if self.lengths is None:
+            return {"max_length": None}
+        return {
+            "max_length": self.max_length,
+            "over_length": self.cfg.build.over_length,
+            "bound": ("byte-level BPE pairs" if self.lengths.merges is not None else "bytes")
+            if self.lengths.trusted
+            else "none (self-check failed)",
+            "rounds": self.rounds,
+            "bounded": int((self.bound >= 0).sum()),
+            "tokenized": int((self.tokens >= 0).sum()),
+            "excluded_too_long": int(self.too_long.sum()),
+            "truncated": self.cut,
+        }
 
 
-def _fits(n_tokens: np.ndarray, max_length: int | None) -> np.ndarray:
-    return np.ones(len(n_tokens), dtype=bool) if max_length is None else n_tokens <= max_length
-
-
-def token_counter(cfg: FusechatConfig) -> Callable[[list], np.ndarray] | None:
-    """Tokens of each conversation rendered with the target's chat template, as the trainers will see them."""
+def target_lengths(cfg: FusechatConfig) -> TargetLengths | None:
+    """The target's tokenizer and chat template, as the trainers will see them (None without a length limit)."""
     if cfg.build.max_length is None:
         return None
     from fusechat.train.stage import chat_template
@@ -302,16 +420,7 @@ def token_counter(cfg: FusechatConfig) -> Callable[[list], np.ndarray] | None:
         raise UserError(f"target.path: cannot load a tokenizer from {cfg.target.path} ({e})") from None
     if not tok.chat_template:
         raise UserError(f"target.path: {cfg.target.path} has no chat template; set target.chat_template")
-
-    def count(convs: list) -> np.ndarray:
-        try:
-            rendered = tok.apply_chat_template(convs, tokenize=False)
-        except Exception as e:  # jinja raises its own types, e.g. a template that rejects system turns
-            raise UserError(f"target chat template cannot render a build row: {e}") from None
-        ids = tok(rendered, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-        return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-
-    return count
+    return TargetLengths(tok)
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -340,13 +449,18 @@ def read_candidates(
     sources: dict[str, int] = {}
     sample_cols = ("prompt_id", "source", "sample_index", "finish_reason") + (("text",) if need_empty else ())
     s_files = _files(samples, sample_cols)
+    has_identical = {f: "identical_samples" in pq.read_schema(f).names for f in s_files}
     parts: dict[str, list[np.ndarray]] = defaultdict(list)
     total = sum(pq.read_metadata(f).num_rows for f in s_files)
     done = 0
     for file_no, f in enumerate(s_files):
         row_no = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH, columns=list(sample_cols)):
+        columns = list(sample_cols) + (["identical_samples"] if has_identical[f] else [])
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH, columns=columns):
             p, s, idx = _key_columns(batch, prompt_ids, sources, f, inputs["prompts"], add_sources=True, row0=row_no)
+            parts["identical"].append(
+                _bool(batch.column("identical_samples")) if has_identical[f] else np.zeros(batch.num_rows, dtype=bool)
+            )
             parts["p"].append(p)
             parts["s"].append(s)
             parts["idx"].append(idx)
@@ -456,6 +570,7 @@ def read_candidates(
             "truncated": pa.array(sp["truncated"], pa.bool_()),
             "empty": pa.array(sp["empty"] if need_empty else np.zeros(n, dtype=bool), pa.bool_()),
             "reward_truncated": pa.array(reward_truncated, pa.bool_()),
+            "identical_samples": pa.array(sp["identical"], pa.bool_()),
         }
     )
     return table, {"files": s_files, "file_no": sp["file_no"], "row_no": sp["row_no"]}
@@ -673,7 +788,9 @@ CAUSES = {
     "margin_above_band": "every same-source reward gap is above build.margin",
     "margin_outside_band": "no same-source reward gap is inside build.margin",
     "sft_only_domain": "it is in build.sft_only_domains",
-    "too_long": "the selected rows exceed build.max_length",
+    "too_long": "responses are longer than build.max_length in the target's tokens (or, for a prompt, the prompt alone)",
+    "identical_samples": "each source repeated one text in all its samples of the prompt (samples manifest: "
+    "identical_prompts; a seeding or chat-template problem)",
     "identical_texts": "chosen and rejected texts are identical",
 }
 

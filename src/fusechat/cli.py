@@ -180,7 +180,8 @@ def stage_progress(verb: str) -> Iterator[Any]:
 @app.command()
 @user_errors
 def prompts(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> None:
-    """Ingest the configured prompt sources: map fields, drop empties and duplicates, split sft/dpo."""
+    """Ingest the configured prompt sources: map fields, drop excluded (a category column or the code/math rule),
+    empty and duplicate prompts, take each source's seeded sample (`limit`, `stratify`), split sft/dpo."""
     from fusechat.prompts import run_prompts
 
     cfg = _load(config, set_)
@@ -191,6 +192,11 @@ def prompts(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> 
         say(f"  {domain}: " + ", ".join(f"{k}={v}" for k, v in sorted(splits.items())))
     for source, counts in version.manifest["counts"].get("by_source", {}).items():
         say(f"  {source}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    for source, strata in version.manifest["counts"].get("strata", {}).items():
+        say(
+            f"  {source} kept/available per stratum: "
+            + ", ".join(f"{k}={v['kept']}/{v['available']}" for k, v in strata.items())
+        )
 
 
 @app.command()
@@ -285,8 +291,10 @@ def sample(
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Each source model answers each prompt k times (vLLM or transformers), in resumable chunks. Jobs with
-    --source/--shard fill one version together; it completes when every chunk exists."""
+    """Each source model answers each prompt k times (vLLM or transformers; `engine: dataset` takes a prompt
+    source's own answers), in resumable chunks. Each source's samples are a part of their own, reused (cached) while
+    that source's settings and model are unchanged. Jobs with --source/--shard fill the parts together; the version
+    completes when every chunk exists."""
     from fusechat.sample import run_sample
     from fusechat.shards import ShardSpec
 
@@ -311,7 +319,7 @@ def sample(
             say(
                 f"  {name}: prompts={c.get('prompts', 0)} samples={c.get('samples', 0)} "
                 f"tokens={c.get('tokens', 0)} skipped_too_long={c.get('skipped_too_long', 0)} "
-                f"tok/s={rate:,.0f}"
+                f"identical_prompts={c.get('identical_prompts', 0)} tok/s={rate:,.0f}"
             )
 
 
@@ -355,7 +363,8 @@ def score(
 @user_errors
 def build(config: ConfigOpt, input_: InputOpt = None, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Select the SFT set (best response over all sources) and the DPO set (best vs worst of one source, reward
-    gap inside build.margin) from a scores version; prints what was kept and dropped."""
+    gap inside build.margin) from a scores version, among responses that fit build.max_length in the target's tokens
+    (or cut to fit: build.over_length); prints what was kept and dropped."""
     import json
 
     from fusechat.build import run_build, stats_tables

@@ -35,11 +35,19 @@ class FieldMap(Section):
     system: str | None = None
     answer: str | None = None
     tests: str | None = None
+    # A column of existing answers (e.g. OpenMathInstruct-2's generated_solution): kept per prompt (up to the
+    # source's max_responses) for a `sources[]` entry with `engine: dataset`
+    response: str | None = None
+    # The prompt text holds several turns, each after its role's marker, e.g. HelpSteer2's
+    # {user: "<extra_id_1>User", assistant: "<extra_id_1>Assistant"}; the text before the first marker is a user turn
+    turn_markers: dict[Literal["user", "assistant", "system"], str] | None = None
 
     @model_validator(mode="after")
     def _one_prompt_field(self) -> FieldMap:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("set exactly one of prompt (text column) or messages (chat column)")
+        if self.turn_markers is not None and (self.prompt is None or not all(self.turn_markers.values())):
+            raise ValueError("turn_markers split a prompt text column: set prompt, and a non-empty marker per role")
         return self
 
 
@@ -64,9 +72,12 @@ class PromptSource(Section):
     subset: str | None = None  # hub dataset config name
     split: str = "train"
     revision: str | None = None
-    limit: int | None = Field(default=None, ge=1)
+    limit: int | None = Field(default=None, ge=1)  # a seeded random sample of this many prompts
+    stratify: str | None = None  # limit: each value of this column gets its proportional share (e.g. source)
     sft_ratio: float | None = Field(default=None, ge=0.0, le=1.0)  # overrides prompts.sft_ratio[domain]
     exclude: dict[str, list[Any]] = {}  # drop rows whose column value is listed, e.g. task_category: [Math]
+    exclude_topics: list[Literal["code", "math"]] = []  # drop prompts fusechat.topics' rule puts in these topics
+    max_responses: int = Field(default=8, ge=1)  # fields.response: answers kept per prompt
 
     @model_validator(mode="after")
     def _one_source_of_tests(self) -> PromptSource:
@@ -116,8 +127,10 @@ class SamplingParams(Section):
 
 class SourceModel(Section):
     name: str
-    model: str  # local dir or hub id
-    engine: Literal["vllm", "transformers"] = "vllm"
+    model: str | None = None  # local dir or hub id (none for engine: dataset)
+    # dataset: no model; the answers that prompt source `dataset` kept from its fields.response column
+    engine: Literal["vllm", "transformers", "dataset"] = "vllm"
+    dataset: str | None = None
     engine_args: dict[str, Any] = {}  # passed to vllm.LLM (tensor_parallel_size, max_model_len, dtype, ...)
     sampling: SamplingParams = SamplingParams()
     samples: dict[str, Annotated[int, Field(ge=0)]] = {}  # domain -> k; a domain not listed gets default_samples
@@ -130,6 +143,15 @@ class SourceModel(Section):
 
     def k_for(self, domain: str) -> int:
         return self.samples.get(domain, self.default_samples)
+
+    @model_validator(mode="after")
+    def _model_or_dataset(self) -> SourceModel:
+        if self.engine == "dataset":
+            if self.dataset is None or self.model is not None:
+                raise ValueError("engine: dataset takes `dataset` (a prompt source with fields.response), no model")
+        elif self.model is None or self.dataset is not None:
+            raise ValueError(f"engine: {self.engine} takes `model` (a local directory or hub id), no dataset")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- score
@@ -180,6 +202,9 @@ class BuildConfig(Section):
     drop_truncated: bool = True
     drop_empty: bool = True
     max_length: int | None = Field(default=2048, ge=1)  # prompt + response tokens of the target tokenizer
+    # a candidate over max_length: exclude (the next-best acceptable response wins) or truncate (it competes whole
+    # and is cut to fit when selected, as the paper's trainer did)
+    over_length: Literal["exclude", "truncate"] = "exclude"
     pairs_per_prompt: int = Field(default=1, ge=1)
     pair_source_rule: Literal["largest_margin", "highest_chosen", "random"] = "largest_margin"
 
@@ -316,6 +341,13 @@ class FusechatConfig(Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate source name(s): {', '.join(dup)}")
+        answered = [p.name for p in self.prompts.sources if p.fields.response]
+        for i, s in enumerate(self.sources):
+            if s.dataset is not None and s.dataset not in answered:
+                raise ValueError(
+                    f"sources[{i}].dataset: {s.dataset!r} is not a prompt source with fields.response "
+                    f"({', '.join(answered) or 'none has one'})"
+                )
         return self
 
     @property

@@ -1,27 +1,35 @@
 """`fusechat prompts`: ingest every configured prompt source into one versioned table.
 
-Core (pure): `record_to_row` maps one raw record to a prompts row (or a drop reason); `assign_splits` splits the
-prompt ids of one group into sft/dpo by ratio, deterministically from the seed. Shell: `run_prompts` streams the
-sources, writes a spill file, then the final Parquet with the split column.
+Core (pure): `record_to_prompt` maps one raw record to its prompt turns (or a drop reason: excluded by a column,
+empty, code or math by `fusechat.topics`), `record_to_row` to a prompts row; `assign_splits` splits the prompt ids
+of one group into sft/dpo by ratio, deterministically from the seed; `fusechat.subset` draws a source's seeded
+(stratified) sample. Shell: `run_prompts` streams each source through the sample into a spill file, then writes the
+final Parquet with the split column, and `responses.parquet` with the answers of sources that map `fields.response`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from fusechat import subset, topics
 from fusechat.code_prompts import OUTCOME_KEY, tests_for, with_code_tests
 from fusechat.config import FieldMap, FusechatConfig, PromptSource
 from fusechat.errors import UserError, first_line
 from fusechat.store import RunStore, StageResult, Version, run_stage
+from fusechat.subset import Reservoir
+from fusechat.topics import topic_of
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 PROMPTS_SCHEMA = pa.schema(
@@ -43,7 +51,13 @@ ROLE_ALIASES = {
     "system": "system",
     "bot": "assistant",
 }
+RESPONSES_SCHEMA = pa.schema(
+    [("prompt_id", pa.string()), ("origin", pa.string()), ("response_index", pa.int32()), ("text", pa.string())]
+)
+ANSWERS_SCHEMA = pa.schema([("key", pa.string()), ("text", pa.string())])  # a source's answers while it is read
+RESPONSES_FILE = "responses.parquet"  # beside data/, in the version directory
 WRITE_BATCH = 10_000
+KEY, STRATUM = "__fusechat_key__", "__fusechat_stratum__"  # carried on a record between sampling and its row
 
 
 # --------------------------------------------------------------------------------------------- pure core
@@ -100,6 +114,8 @@ def record_to_messages(record: dict[str, Any], fields: FieldMap) -> list[dict[st
             if value.strip():
                 parts.append(value.strip())
         messages = [{"role": "user", "content": "\n\n".join(parts)}]
+        if fields.turn_markers:
+            messages = split_turns(messages[0]["content"], fields.turn_markers)
     if fields.system is not None:
         system = get_path(record, fields.system)
         if isinstance(system, str) and system.strip():
@@ -107,16 +123,43 @@ def record_to_messages(record: dict[str, Any], fields: FieldMap) -> list[dict[st
     return messages
 
 
-def record_to_row(record: dict[str, Any], source: PromptSource) -> dict[str, Any] | str:
-    """A prompts row (without `split`), or the reason the record is dropped ("empty", "excluded", and for
-    `code_tests` sources the reasons of `fusechat.code_tests.DROP_REASONS`). A record that does not fit the field
-    mapping raises ValueError / KeyError."""
+def split_turns(text: str, markers: dict[str, str]) -> list[dict[str, str]]:
+    """A text holding several turns, each after its role's marker (HelpSteer2: `{user turn 1}\\n<extra_id_1>Assistant
+    \\n{assistant turn 1}\\n<extra_id_1>User\\n{user turn 2}`), as messages; the text before the first marker is a
+    user turn. Trailing assistant turns are removed (the prompt is what the sources answer)."""
+    role_of = {marker: role for role, marker in markers.items()}
+    parts = re.split("(" + "|".join(map(re.escape, sorted(role_of, key=len, reverse=True))) + ")", text)
+    turns = [("user", parts[0]), *zip((role_of[m] for m in parts[1::2]), parts[2::2], strict=True)]
+    messages = [{"role": role, "content": content.strip()} for role, content in turns if content.strip()]
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    return messages
+
+
+def record_to_prompt(record: dict[str, Any], source: PromptSource) -> list[dict[str, str]] | str:
+    """A record's prompt turns, or why it is dropped: "excluded" (a value listed in `exclude`), "empty", "code" or
+    "math" (`exclude_topics`, by `fusechat.topics`). Raises ValueError / KeyError for a record that does not fit the
+    field mapping."""
     for column, values in source.exclude.items():
         if get_path(record, column) in values:
             return "excluded"
     messages = record_to_messages(record, source.fields)
     if not any(m["role"] == "user" and m["content"].strip() for m in messages):
         return "empty"
+    if source.exclude_topics:
+        topic = topic_of(messages, source.exclude_topics)
+        if topic is not None:
+            return topic
+    return messages
+
+
+def record_to_row(record: dict[str, Any], source: PromptSource) -> dict[str, Any] | str:
+    """A prompts row (without `split`), or the reason the record is dropped (those of `record_to_prompt`, and for
+    `code_tests` sources the reasons of `fusechat.code_tests.DROP_REASONS`). A record that does not fit the field
+    mapping raises ValueError / KeyError."""
+    messages = record_to_prompt(record, source)
+    if isinstance(messages, str):
+        return messages
     reference = {}
     for key in ("answer", "tests"):
         col = getattr(source.fields, key)
@@ -295,6 +338,7 @@ def stage_config(cfg: FusechatConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "prompts": cfg.prompts.model_dump(mode="json"),
         "data": {s.name: source_identity(s) for s in cfg.prompts.sources},
+        "rules": {"subset": subset.VERSION, "topics": topics.VERSION},
     }
     if any(s.code_tests is not None for s in cfg.prompts.sources):
         from fusechat.code_prompts import identity
@@ -334,48 +378,53 @@ def build_prompts(cfg: FusechatConfig, out: Path, progress: Callable[[str, int],
     data.mkdir(parents=True, exist_ok=True)
     spill_path = out / "spill.parquet"
     spill_schema = PROMPTS_SCHEMA.remove(PROMPTS_SCHEMA.get_field_index("split"))
-    seen: set[str] = set()
+    written: set[str] = set()
     groups: dict[tuple[str, float], list[str]] = defaultdict(list)
     per_source: dict[str, Counter] = {}
-    buffer: list[dict[str, Any]] = []
-
-    with pq.ParquetWriter(spill_path, spill_schema) as spill:
-        for i, source in enumerate(cfg.prompts.sources):
-            where = f"prompts.sources[{i}]"
-            counts: Counter = Counter()
-            per_source[source.name] = counts
-            group = (source.domain, cfg.prompts.ratio_for(source))
-            for location, record in with_code_tests(iter_records(source, where), source, cfg.score.code, where):
-                counts["read"] += 1
-                try:
-                    row = record_to_row(record, source)
-                except KeyError as e:
-                    raise UserError(f"{location}: missing field {e.args[0]!r} (mapped by {where}.fields)") from None
-                except ValueError as e:
-                    raise UserError(f"{location}: {e}") from None
-                if isinstance(row, str):
-                    counts[f"dropped_{row}"] += 1
-                    continue
-                if row["prompt_id"] in seen:
-                    counts["dropped_duplicate"] += 1
-                    continue
-                seen.add(row["prompt_id"])
-                groups[group].append(row["prompt_id"])
-                buffer.append(row)
-                counts["kept"] += 1
-                if len(buffer) >= WRITE_BATCH:
-                    spill.write_table(pa.Table.from_pylist(buffer, schema=spill_schema))
-                    buffer.clear()
-                if progress and counts["read"] % 1000 == 0:
-                    progress(source.name, counts["read"])
-                if source.limit is not None and counts["kept"] >= source.limit:
-                    break
-            if progress:
-                progress(source.name, counts["read"])
-            if not counts["read"]:
-                raise UserError(f"{where}.path: {source.path}: no records (an empty file or dataset split)")
-        if buffer:
-            spill.write_table(pa.Table.from_pylist(buffer, schema=spill_schema))
+    strata: dict[str, dict[str, dict[str, int]]] = {}
+    with_responses = any(s.fields.response for s in cfg.prompts.sources)
+    responses = pq.ParquetWriter(out / RESPONSES_FILE, RESPONSES_SCHEMA) if with_responses else None
+    try:
+        with pq.ParquetWriter(spill_path, spill_schema) as spill:
+            for i, source in enumerate(cfg.prompts.sources):
+                counts: Counter = Counter()
+                per_source[source.name] = counts
+                group = (source.domain, cfg.prompts.ratio_for(source))
+                sampled = sample_source(cfg, i, out, counts, written, progress)
+                if not counts["read"]:
+                    raise UserError(
+                        f"prompts.sources[{i}].path: {source.path}: no records (an empty file or dataset split)"
+                    )
+                if source.stratify is not None:
+                    strata[source.name] = sampled.strata
+                key_to_id: dict[str, str] = {}
+                late_duplicates = 0
+                for batch in sampled.rows():
+                    keep = []
+                    for key, row in zip(
+                        batch.column("key").to_pylist(), batch.drop_columns(["key"]).to_pylist(), strict=True
+                    ):
+                        if row["prompt_id"] in written:  # the same prompt came from an earlier source
+                            counts["dropped_duplicate"] += 1
+                            late_duplicates += 1
+                            continue
+                        written.add(row["prompt_id"])
+                        groups[group].append(row["prompt_id"])
+                        key_to_id[key] = row["prompt_id"]
+                        keep.append(row)
+                    counts["kept"] += len(keep)
+                    spill.write_table(pa.Table.from_pylist(keep, schema=spill_schema))
+                if source.limit is not None:
+                    offered = sum(v["available"] for v in sampled.strata.values())
+                    over = offered - counts["kept"] - late_duplicates - sum(counts[k] for k in sampled.late_drops)
+                    if over:
+                        counts["dropped_over_limit"] = over
+                if responses is not None and source.fields.response:
+                    counts["responses"] = sampled.write_responses(responses, key_to_id, source, cfg.seed)
+                sampled.close()
+    finally:
+        if responses is not None:
+            responses.close()
 
     split_of: dict[str, str] = {}
     for (_, ratio), ids in groups.items():
@@ -399,14 +448,176 @@ def build_prompts(cfg: FusechatConfig, out: Path, progress: Callable[[str, int],
             for name, c in per_source.items()
         )
         raise UserError(f"prompts.sources: no prompt kept from any source ({drops})")
-    return StageResult(
-        counts={
-            "prompts": total,
-            "by_domain": {d: dict(c) for d, c in sorted(by_domain.items())},
-            "by_source": {s: dict(c) for s, c in per_source.items()},
-        },
-        timings={"ingest_s": round(time.time() - started, 3)},
-    )
+    counts_out: dict[str, Any] = {
+        "prompts": total,
+        "by_domain": {d: dict(c) for d, c in sorted(by_domain.items())},
+        "by_source": {s: {"read": c["read"], "kept": c["kept"], **c} for s, c in per_source.items()},
+    }
+    if strata:
+        counts_out["strata"] = strata
+    return StageResult(counts=counts_out, timings={"ingest_s": round(time.time() - started, 3)})
+
+
+class SampledSource:
+    """One source after `sample_source`: its candidates' rows (and answers) in spill files, the sample's row
+    numbers, and per stratum the distinct prompts available and kept."""
+
+    def __init__(self, candidates: Path, answers: Path | None, rows: list[int], strata: dict, late_drops: set[str]):
+        self.candidates, self.answers = candidates, answers
+        self.selected = np.asarray(rows, dtype=np.int64)
+        self.strata = strata
+        self.late_drops = late_drops  # drop reasons counted after the sample's first cut (code tests)
+
+    def rows(self) -> Iterator[pa.Table]:
+        """The sampled rows (with their sampling `key`), in read order, a batch at a time."""
+        start = 0
+        for batch in pq.ParquetFile(self.candidates).iter_batches(batch_size=WRITE_BATCH):
+            local = self.selected[(self.selected >= start) & (self.selected < start + batch.num_rows)] - start
+            start += batch.num_rows
+            if len(local):
+                yield pa.Table.from_batches([batch]).take(local)
+
+    def write_responses(self, writer: pq.ParquetWriter, key_to_id: dict[str, str], source: PromptSource, seed: int):
+        """The sampled prompts' answers: distinct texts, at most `max_responses` per prompt, in a seeded order that
+        does not depend on the file's. Returns how many were written."""
+        texts: dict[str, set[str]] = defaultdict(set)
+        if self.answers is not None:
+            wanted = pa.array(list(key_to_id), pa.string())
+            for batch in pq.ParquetFile(self.answers).iter_batches(batch_size=WRITE_BATCH):
+                table = pa.Table.from_batches([batch])
+                table = table.filter(pc.is_in(table.column("key"), value_set=wanted))
+                for key, text in zip(table.column("key").to_pylist(), table.column("text").to_pylist(), strict=True):
+                    texts[key].add(text)
+        rows = []
+        for key, pid in key_to_id.items():
+            ranked = sorted(texts.get(key, ()), key=lambda t: hashlib.sha256(f"{seed}:{t}".encode()).digest())
+            rows.extend(
+                {"prompt_id": pid, "origin": source.name, "response_index": j, "text": text}
+                for j, text in enumerate(ranked[: source.max_responses])
+            )
+        for start in range(0, len(rows), WRITE_BATCH):
+            writer.write_table(pa.Table.from_pylist(rows[start : start + WRITE_BATCH], schema=RESPONSES_SCHEMA))
+        return len(rows)
+
+    def close(self) -> None:
+        self.candidates.unlink(missing_ok=True)
+        if self.answers is not None:
+            self.answers.unlink(missing_ok=True)
+
+
+def sample_source(
+    cfg: FusechatConfig,
+    i: int,
+    out: Path,
+    counts: Counter,
+    earlier: set[str],
+    progress: Callable[[str, int], None] | None,
+) -> SampledSource:
+    """Stream source `i` through its seeded sample (`fusechat.subset`): rows are mapped, excluded, deduplicated and
+    ranked first; only a row that may still be in the sample is tested (code) and spilled, with its answers when the
+    source maps `fields.response`. `earlier`: prompt ids of the sources before it (their duplicates are dropped)."""
+    source = cfg.prompts.sources[i]
+    where = f"prompts.sources[{i}]"
+    reservoir = Reservoir(source.limit, cfg.seed)
+    seen: set[str] = set()
+    schema = PROMPTS_SCHEMA.remove(PROMPTS_SCHEMA.get_field_index("split")).append(pa.field("key", pa.string()))
+    answers_path = out / f"answers-{i}.parquet" if source.fields.response else None
+    answers = pq.ParquetWriter(answers_path, ANSWERS_SCHEMA) if answers_path else None
+    answer_buffer: list[dict[str, str]] = []
+
+    def keep_answer(key: str, record: dict[str, Any]) -> None:
+        text = get_path(record, source.fields.response)
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"column {source.fields.response!r} (fields.response) is not text")
+        if text and text.strip():
+            answer_buffer.append({"key": key, "text": text})
+        if len(answer_buffer) >= WRITE_BATCH:
+            answers.write_table(pa.Table.from_pylist(answer_buffer, schema=ANSWERS_SCHEMA))
+            answer_buffer.clear()
+
+    def candidates() -> Iterator[tuple[str, dict[str, Any]]]:
+        for location, record in iter_records(source, where):
+            counts["read"] += 1
+            if progress and counts["read"] % 1000 == 0:
+                progress(source.name, counts["read"])
+            mapped = "fields"
+            try:
+                messages = record_to_prompt(record, source)
+                if isinstance(messages, str):
+                    counts[f"dropped_{messages}"] += 1
+                    continue
+                key = prompt_id(source.domain, messages)
+                if key in earlier:
+                    counts["dropped_duplicate"] += 1
+                    continue
+                if key in seen:
+                    if answers is None:
+                        counts["dropped_duplicate"] += 1
+                    else:  # another answer to a prompt already read (OpenMathInstruct-2: one row per solution)
+                        counts["more_responses"] += 1
+                        if key in reservoir.live:
+                            keep_answer(key, record)
+                    continue
+                seen.add(key)
+                mapped = "stratify"
+                stratum = _stratum(record, source)
+                mapped = "fields"
+                if not reservoir.offer(key, stratum):
+                    continue
+                if answers is not None:
+                    keep_answer(key, record)
+            except KeyError as e:
+                raise UserError(f"{location}: missing field {e.args[0]!r} (mapped by {where}.{mapped})") from None
+            except ValueError as e:
+                raise UserError(f"{location}: {e}") from None
+            yield location, {**record, KEY: key, STRATUM: stratum}
+
+    n_rows, buffer = 0, []
+    late: set[str] = set()
+    candidates_path = out / f"candidates-{i}.parquet"
+    with pq.ParquetWriter(candidates_path, schema) as spill:
+        for location, record in with_code_tests(candidates(), source, cfg.score.code, where):
+            key, stratum = record[KEY], record[STRATUM]
+            try:
+                row = record_to_row(record, source)
+            except KeyError as e:
+                raise UserError(f"{location}: missing field {e.args[0]!r} (mapped by {where}.fields)") from None
+            except ValueError as e:
+                raise UserError(f"{location}: {e}") from None
+            if isinstance(row, str):
+                counts[f"dropped_{row}"] += 1
+                late.add(f"dropped_{row}")
+                reservoir.reject(key)
+                continue
+            buffer.append({**row, "key": key})
+            reservoir.add(key, stratum, n_rows)
+            n_rows += 1
+            if len(buffer) >= WRITE_BATCH:
+                spill.write_table(pa.Table.from_pylist(buffer, schema=schema))
+                buffer.clear()
+        if buffer:
+            spill.write_table(pa.Table.from_pylist(buffer, schema=schema))
+    if answers is not None:
+        if answer_buffer:
+            answers.write_table(pa.Table.from_pylist(answer_buffer, schema=ANSWERS_SCHEMA))
+        answers.close()
+    if progress:
+        progress(source.name, counts["read"])
+    rows, strata = reservoir.sample()
+    return SampledSource(candidates_path, answers_path, rows, strata, late)
+
+
+def _stratum(record: dict[str, Any], source: PromptSource) -> str | None:
+    if source.stratify is None:
+        return None
+    value = get_path(record, source.stratify)
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def read_responses(version: Version) -> pa.Table | None:
+    """The answers kept from sources that map `fields.response` (None when no source does)."""
+    path = version.path / RESPONSES_FILE
+    return pq.read_table(path) if path.exists() else None
 
 
 def read_prompts(version: Version, columns: list[str] | None = None) -> pa.Table:

@@ -6,8 +6,9 @@ Everything is numpy over integer codes, so 3.2M responses take seconds.
 
 Rules, per response:
 - *usable*: the reward is a number (null and NaN are not), not cut by max_tokens (`drop_truncated`), scored whole
-  by the reward model (`reward_truncated`: it saw only the start), not empty (`drop_empty`). Unusable responses are
-  neither chosen nor rejected.
+  by the reward model (`reward_truncated`: it saw only the start), not empty (`drop_empty`), not longer than
+  `build.max_length` in the target's tokens (`too_long`, measured by the caller). Unusable responses are neither
+  chosen nor rejected, so the next-best usable response takes their place.
 - a domain is *verified* when `build.verified_domains` lists it, or when any of its responses has a non-null
   `correct`. In a verified domain a response may be chosen only when `correct` is true and rejected only when
   it is false; a null verdict there makes it neither (counted as `unverified`). In other domains every usable
@@ -16,7 +17,8 @@ Rules, per response:
 SFT (prompts of the `sft` split): the acceptable response with the highest reward over all sources.
 DPO (prompts of the `dpo` split, domains not in `sft_only_domains`): for each source, chosen = its
 highest-reward acceptable response, rejected = its lowest-reward rejectable one (never the same response); a
-source qualifies when `low <= chosen - rejected <= high`. The first `pairs_per_prompt` qualifying sources are
+source qualifies when `low <= chosen - rejected <= high`. A source whose k samples of a prompt are all the same text
+(`identical_samples`) makes no pair for it (a prompt left with no such source is dropped as `identical_samples`). The first `pairs_per_prompt` qualifying sources are
 kept, ranked by `pair_source_rule`: `largest_margin` (the paper leaves this open; the widest in-band gap),
 `highest_chosen` (the reference's suggestion: the best chosen response), or `random`. Ties everywhere (equal
 rewards, equal margins) and the `random` rule follow one pseudo-random order seeded by `seed` and the prompt id,
@@ -37,7 +39,7 @@ from fusechat.config import BuildConfig
 
 # Columns `select` needs. prompts: prompt_id, domain, split. candidates: one row per scored response.
 CANDIDATE_COLUMNS = ("prompt_id", "source", "sample_index", "reward", "correct", "truncated", "empty")
-# optional: "reward_truncated" (absent: none)
+# optional: "reward_truncated", "too_long", "identical_samples" (absent: none)
 SFT_COLUMNS = ("row", "prompt_id", "domain", "source", "sample_index", "reward")
 BAND_SLACK = 1e-9
 DPO_COLUMNS = (
@@ -70,6 +72,10 @@ class Selection:
     excluded_reason: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
     acceptable: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     dropped_reason: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    # Candidates whose exclusion could change the result, and any that could then take their place: the SFT rows,
+    # the kept pairs, and the pairs of sources whose gap is above the band (excluding a response only narrows a
+    # source's gap, so those may still enter the band). Measuring just these is enough to exclude over-long ones.
+    contenders: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: int) -> Selection:
@@ -95,6 +101,8 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
     truncated = _flag(candidates, "truncated")
     empty = _flag(candidates, "empty")
     reward_truncated = _flag(candidates, "reward_truncated")
+    too_long = _flag(candidates, "too_long")
+    identical = _flag(candidates, "identical_samples")
 
     # Which domains gate acceptance on `correct`.
     verified = {dom: kind for dom, kind in rules.verified_domains.items()}
@@ -111,6 +119,7 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
         ("truncated", truncated if rules.drop_truncated else np.zeros_like(truncated)),
         ("reward_truncated", reward_truncated),
         ("empty", empty if rules.drop_empty else np.zeros_like(empty)),
+        ("too_long", too_long),
         ("unverified", row_verified & ~correct_known),
     )
     usable = np.ones(len(reward), dtype=bool)
@@ -165,7 +174,7 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
     )
 
     # ---------------------------------------------------------------- DPO: best vs worst within one source
-    dpo_mask = is_dpo & ~sft_only[d]
+    dpo_mask = is_dpo & ~sft_only[d] & ~identical
     n_sources = max(len(sources), 1)
     ps = p.astype(np.int64) * n_sources + s
     rows = np.flatnonzero(dpo_mask & chosen_ok)
@@ -195,9 +204,10 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
         p,
         {
             "no_samples": np.ones(len(p), dtype=bool),
-            "no_usable_response": usable,
-            "no_acceptable_response": chosen_ok,  # verified domains: every response incorrect
-            "no_rejected_response": rejected_ok,  # verified domains: every response correct
+            "identical_samples": ~identical,  # every source that answered repeated one text k times
+            "no_usable_response": usable & ~identical,
+            "no_acceptable_response": chosen_ok & ~identical,  # verified domains: every response incorrect
+            "no_rejected_response": rejected_ok & ~identical,  # verified domains: every response correct
         },
         n_prompts,
         why,
@@ -233,6 +243,8 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
             "margin": pa.array(margin[keep], pa.float64()),
         }
     )
+    above = margin > high + BAND_SLACK
+    contenders = np.unique(np.concatenate([best, c, r, chosen[above], rejected[above]]))
     return Selection(
         sft=sft,
         dpo=dpo,
@@ -243,6 +255,7 @@ def select(prompts: pa.Table, candidates: pa.Table, rules: BuildConfig, seed: in
         excluded_reason=excluded_reason,
         acceptable=chosen_ok,
         dropped_reason=why,
+        contenders=contenders,
     )
 
 

@@ -47,6 +47,14 @@ def partial_state(store: RunStore, path: Path) -> tuple[str, str]:
     return "abandoned", f"last write {_age(time.time() - _newest_mtime(path))} ago"
 
 
+def parts_summary(manifest: dict[str, Any]) -> str:
+    """A samples version's parts: which were reused from an earlier version (cached) and which it sampled."""
+    parts = manifest.get("parts") or {}
+    return " ".join(
+        f"{name}=cached({p['reused_from']})" if p.get("reused_from") else f"{name}=sampled" for name, p in parts.items()
+    )
+
+
 def status_table(store: RunStore) -> Table:
     table = Table(title=escape(f"fusechat run: {store.root}"), show_lines=False)
     for col in ("stage", "version", "status", "created", "counts", "inputs", "fingerprint"):  # partial: progress, who
@@ -60,12 +68,15 @@ def status_table(store: RunStore) -> Table:
         for v in versions:
             m = v.manifest
             inputs = ", ".join(f"{k}/{n}" for k, n in (m.get("inputs") or {}).items())
+            counts = summarize_counts(m.get("counts") or {})
+            if m.get("parts"):
+                counts += f" parts: {parts_summary(m)}"
             table.add_row(
                 stage,
                 v.name,
                 "[green]complete[/green]",
                 escape(str(m.get("created_at", ""))),
-                escape(summarize_counts(m.get("counts") or {})),
+                escape(counts),
                 escape(inputs),
                 v.fingerprint[:12],
             )
@@ -82,6 +93,11 @@ def status_table(store: RunStore) -> Table:
                 escape(partial_summary(p)),
                 escape(detail),
             )
+        if stage == "samples":
+            from fusechat.sample.parts import incomplete_parts
+
+            for name, progress in incomplete_parts(store):
+                table.add_row(stage, escape(name), "[yellow]partial[/yellow]", "", f"chunks={progress}", "", "")
     return table
 
 

@@ -1,8 +1,9 @@
 """Tiny tokenizers and models built locally in seconds (no hub access): the demo world and the tests use them.
 
 Tokenizers are character-level (`char`) or byte-level BPE trained on a given corpus (`bpe`), each with one of
-three chat-template families that mimic the real ones: ChatML (Qwen), Llama-3 (the template itself emits BOS,
-and the tokenizer adds one too with add_special_tokens: the classic double-BOS trap) and Mistral ([INST]).
+four chat-template families that mimic the real ones: ChatML (Qwen), Llama-3 (the template itself emits BOS,
+and the tokenizer adds one too with add_special_tokens: the classic double-BOS trap), Mistral ([INST]) and Gemma
+(`<start_of_turn>model`, content trimmed, a system turn rejected as Gemma-2's template does).
 Assistant content is wrapped in `{% generation %}` so assistant masks work.
 """
 
@@ -37,6 +38,14 @@ TEMPLATES = {
         "{% else %}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{% endif %}"
         "{% endfor %}"
     ),
+    "gemma": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% if message['role'] == 'assistant' %}{{ '<start_of_turn>model\n' }}"
+        "{% generation %}{{ message['content'] | trim + '<end_of_turn>' }}{% endgeneration %}{{ '\n' }}"
+        "{% else %}{{ '<start_of_turn>user\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
 }
 
 # Special tokens per family: (bos, eos = end of turn, pad, extra specials)
@@ -49,6 +58,7 @@ SPECIALS = {
         ["<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"],
     ),
     "mistral": ("<s>", "</s>", "<pad>", ["[INST]", "[/INST]"]),
+    "gemma": ("<bos>", "<end_of_turn>", "<pad>", ["<start_of_turn>", "<eos>"]),
 }
 ROLE_WORDS = ["user", "assistant", "system"]
 DEFAULT_CHARS = string.printable.replace("\x0b", "").replace("\x0c", "").replace("\r", "")
@@ -60,7 +70,7 @@ class TinySpec:
 
     arch: str = "llama"  # llama, qwen2, mistral, gemma2
     tokenizer: str = "char"  # char or bpe
-    chat: str = "chatml"  # chatml, llama3, mistral
+    chat: str = "chatml"  # chatml, llama3, mistral, gemma
     hidden: int = 96
     layers: int = 3
     heads: int = 4

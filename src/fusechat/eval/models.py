@@ -35,6 +35,8 @@ def resolve_model(
     name = model.removeprefix("source:")
     for s in cfg.sources:
         if s.name == name:
+            if s.model is None:
+                raise UserError(f"--model {model}: source {name!r} has no model (engine: dataset)")
             return f"source:{name}", _runner(cfg, s.model, base=s), {}
     if model.startswith("source:"):
         raise UserError(f"--model {model}: no source named {name!r} ({', '.join(s.name for s in cfg.sources)})")

@@ -166,8 +166,8 @@ class Pairs:
 
 
 def read_pairs(datasets: Version) -> Pairs:
-    """Reward margins and chosen / rejected lengths of the DPO pairs; texts are measured only when the set has no
-    token counts (written without a length filter)."""
+    """Reward margins and chosen / rejected lengths of the DPO pairs; texts are measured when some pair lacks token
+    counts (no length filter, or lengths settled by a bound)."""
     files = sorted(str(p) for p in (datasets.path / "dpo").glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no Parquet files in {datasets.path / 'dpo'}")
@@ -181,8 +181,12 @@ def read_pairs(datasets: Version) -> Pairs:
         margin = table.column("margin").to_numpy()
     else:
         margin = table.column("chosen_reward").to_numpy() - table.column("rejected_reward").to_numpy()
-    tokens = {"chosen_tokens", "rejected_tokens"} <= set(names)
-    if tokens and table.num_rows and pc.min(table.column("chosen_tokens")).as_py() >= 0:
+    # Token counts only when every pair has them: the length filter leaves them null where a bound settled it.
+    tokens = {"chosen_tokens", "rejected_tokens"} <= set(names) and all(
+        table.column(c).null_count == 0 and (pc.min(table.column(c)).as_py() or 0) >= 0
+        for c in ("chosen_tokens", "rejected_tokens")
+    )
+    if tokens and table.num_rows:
         return Pairs(
             margin, table.column("chosen_tokens").to_numpy(), table.column("rejected_tokens").to_numpy(), "tokens"
         )

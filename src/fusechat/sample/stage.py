@@ -1,9 +1,13 @@
 """`fusechat sample`: every source model answers every prompt of its domains k times.
 
 Core (pure): `plan_chunks` cuts each source's prompts into named chunks, `chunk_seed` gives each chunk its own
-seed, `completion_rows` turns completions into rows. Shell: `run_sample` checks every selected source before any
-model loads, then per source loads one engine, fills the chunks this job owns (`--shard`), releases the model,
-and commits the version once every chunk of every source exists. A killed run loses at most the chunk in flight.
+seed, `completion_rows` turns completions into rows and flags prompts whose k samples are all identical (a seeding
+or template bug shows there first), `dataset_rows` takes a dataset source's answers from the prompts version. Shell:
+`run_sample` keeps each source's samples in its own part (`fusechat.sample.parts`), keyed by that source's settings
+and model: parts already complete are reused (`cached`), the others are filled. It checks every source to fill
+before any model loads, then per source loads one engine, fills the chunks this job owns (`--shard`), releases the
+model (`fill_source`), and commits the version (hard links to its parts' files) once every part is complete. A
+killed run loses at most the chunk in flight.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fusechat.config import FusechatConfig, SourceModel
 from fusechat.errors import UserError, first_line
-from fusechat.prompts import read_prompts
+from fusechat.prompts import read_prompts, read_responses
 from fusechat.sample.engines import Completion, check_engine, open_engine
+from fusechat.sample.parts import Part, link_files, open_part, part_fingerprint, reused_from
 from fusechat.sample.render import chat_template, render_ids, stop_token_ids, with_system
 from fusechat.shards import ChunkDir, ShardSpec, chunk_ranges
 from fusechat.store import RunStore, StageResult, Version, fingerprint, model_identity, run_stage
@@ -33,20 +39,23 @@ SAMPLES_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("sample_index", pa.int32()),
         ("text", pa.string()),
-        ("num_tokens", pa.int32()),
+        ("num_tokens", pa.int32()),  # null for a dataset source's answers
         ("finish_reason", pa.string()),
+        ("identical_samples", pa.bool_()),  # this source's k >= 2 samples of this prompt are all the same text
     ]
 )
 CHUNK_STATS = b"fusechat.chunk"  # Parquet metadata key: per-chunk counts, summed into the manifest
 
 Progress = Callable[[str, int, int, int, float], None]  # source, chunks done, chunks total, tokens, seconds
-Plans = dict[str, list[tuple[str, list[int]]]]  # source -> [(chunk key, prompt row numbers)]
 
 
 # --------------------------------------------------------------------------------------------- pure core
-def plan_chunks(source: SourceModel, domains: list[str]) -> list[tuple[str, list[int]]]:
-    """(chunk key, prompt row numbers) for the prompts this source answers (k > 0), in prompts order."""
-    rows = [i for i, d in enumerate(domains) if source.k_for(d) > 0]
+def plan_chunks(
+    source: SourceModel, domains: list[str], answerable: list[bool] | None = None
+) -> list[tuple[str, list[int]]]:
+    """(chunk key, prompt row numbers) for the prompts this source answers (k > 0; and `answerable`, for a dataset
+    source: the prompts it has answers to), in prompts order."""
+    rows = [i for i, d in enumerate(domains) if source.k_for(d) > 0 and (answerable is None or answerable[i])]
     return [
         (f"{source.name}-{n:05d}", rows[start:end])
         for n, (start, end) in enumerate(chunk_ranges(len(rows), source.chunk_size))
@@ -60,17 +69,38 @@ def chunk_seed(seed: int, source: str, chunk_key: str, k: int) -> int:
 
 
 def completion_rows(prompt_id: str, source: str, completions: list[Completion], decode) -> list[dict[str, Any]]:
+    texts = [decode(c.token_ids) for c in completions]
+    return sample_rows(
+        prompt_id, source, texts, [len(c.token_ids) for c in completions], [c.finish_reason for c in completions]
+    )
+
+
+def sample_rows(
+    prompt_id: str, source: str, texts: list[str], num_tokens: list[int | None], finish: list[str]
+) -> list[dict[str, Any]]:
+    identical = len(texts) > 1 and len(set(texts)) == 1
     return [
         {
             "prompt_id": prompt_id,
             "source": source,
             "sample_index": j,
-            "text": decode(c.token_ids),
-            "num_tokens": len(c.token_ids),
-            "finish_reason": c.finish_reason,
+            "text": text,
+            "num_tokens": n,
+            "finish_reason": reason,
+            "identical_samples": identical,
         }
-        for j, c in enumerate(completions)
+        for j, (text, n, reason) in enumerate(zip(texts, num_tokens, finish, strict=True))
     ]
+
+
+def dataset_rows(source: SourceModel, prompts: list[dict[str, Any]], answers: dict[str, list[str]]) -> list[dict]:
+    """A dataset source's samples: the first k kept answers of each prompt (already in a seeded order), as
+    finished responses; no model, so no token count."""
+    rows = []
+    for p in prompts:
+        texts = answers.get(p["prompt_id"], [])[: source.k_for(p["domain"])]
+        rows.extend(sample_rows(p["prompt_id"], source.name, texts, [None] * len(texts), ["stop"] * len(texts)))
+    return rows
 
 
 def probe_prompt(prompts: list[dict[str, Any]], plan: list[tuple[str, list[int]]]) -> dict[str, Any]:
@@ -85,8 +115,26 @@ def stage_config(cfg: FusechatConfig) -> dict[str, Any]:
     return {
         "seed": cfg.seed,
         "sources": [s.model_dump(mode="json") for s in cfg.sources],
-        "models": {s.name: model_identity(s.model) for s in cfg.sources},
+        "models": {s.name: model_identity(s.model) for s in cfg.sources if s.model},
     }
+
+
+def answers_by_prompt(prompts_version: Version, source: SourceModel, where: str) -> dict[str, list[str]]:
+    """The answers a dataset source draws from: its prompt source's, by prompt id, in their kept order."""
+    table = read_responses(prompts_version)
+    answers: dict[str, list[str]] = {}
+    if table is not None:
+        mine = table.filter(pc.equal(table.column("origin"), source.dataset)).sort_by(
+            [("prompt_id", "ascending"), ("response_index", "ascending")]
+        )
+        for pid, text in zip(mine.column("prompt_id").to_pylist(), mine.column("text").to_pylist(), strict=True):
+            answers.setdefault(pid, []).append(text)
+    if not answers:
+        raise UserError(
+            f"{where}.dataset ({source.name}): {prompts_version.ref} holds no answers of prompt source "
+            f"{source.dataset!r} (map its answer column with prompts.sources[].fields.response)"
+        )
+    return answers
 
 
 # --------------------------------------------------------------------------------------------- preparing a source
@@ -155,7 +203,8 @@ def run_sample(
     log: Callable[[str], None] = print,
     progress: Progress | None = None,
 ) -> Version | None:
-    """Fill this job's chunks of the samples version; return it when complete, else None (other parts missing)."""
+    """Fill this job's chunks of the samples version; return it when complete, else None (other parts missing).
+    `force`: sample the selected sources' parts again even when complete."""
     pinned = pinned or {}
     for stage in pinned:
         if stage != "prompts":
@@ -170,27 +219,66 @@ def run_sample(
     inputs = {"prompts": prompts_version}
     fp = fingerprint("samples", config, inputs)
     if not force and (cached := store.find("samples", fp)) is not None:
+        store.check(cached)
         log(f"cached: {cached.ref}")
         return cached
 
     prompts = read_prompts(prompts_version, columns=["prompt_id", "domain", "messages"]).to_pylist()
     domains = [p["domain"] for p in prompts]
-    plans: Plans = {s.name: plan_chunks(s, domains) for s in cfg.sources}
-    selected = [(i, s) for i, s in enumerate(cfg.sources) if source in (None, s.name) and plans[s.name]]
-    if not selected:
+    answers = {
+        s.name: answers_by_prompt(prompts_version, s, f"sources[{i}]")
+        for i, s in enumerate(cfg.sources)
+        if s.engine == "dataset"
+    }
+    parts: dict[str, Part] = {}
+    for s in cfg.sources:
+        answerable = [p["prompt_id"] in answers[s.name] for p in prompts] if s.name in answers else None
+        plan = plan_chunks(s, domains, answerable)
+        parts[s.name] = open_part(store, s, part_fingerprint(s, cfg.seed, prompts_version), plan)
+    chosen = [(i, s) for i, s in enumerate(cfg.sources) if source in (None, s.name) and parts[s.name].plan]
+    if not chosen:
         raise UserError(nothing_to_sample(domains, source))
-    prepared = {s.name: prepare(s, f"sources[{i}]", probe_prompt(prompts, plans[s.name])) for i, s in selected}
+    for part in parts.values():  # a chunk damaged since it was written (power loss, full disk) is redone
+        if part.done():
+            part.chunks.drop_broken(part.done(), chunk_check(part.plan), log)
+    if force:
+        for _, s in chosen:
+            if parts[s.name].complete():
+                parts[s.name].reset()
+    for s in cfg.sources:
+        part = parts[s.name]
+        if part.plan and part.complete():
+            log(f"{s.name}: cached ({part.ref}, {len(part.plan)} chunks)")
+    selected = [(i, s) for i, s in chosen if not parts[s.name].complete()]
+    prepared = {
+        s.name: prepare(s, f"sources[{i}]", probe_prompt(prompts, parts[s.name].plan))
+        for i, s in selected
+        if s.engine != "dataset"
+    }
 
     def body(partial: Path) -> StageResult:
-        chunks = ChunkDir(partial)
+        version_dir = ChunkDir(partial)
+
+        def report(name: str, done: int, total: int, tokens: int, seconds: float) -> None:
+            record_progress(version_dir, parts)  # for `fusechat status`, after every chunk
+            if progress:
+                progress(name, done, total, tokens, seconds)
+
         for _, s in selected:
-            chunks.drop_broken([key for key, _ in plans[s.name]], chunk_check(plans[s.name]), log)
-            todo = [(key, rows) for n, (key, rows) in enumerate(plans[s.name]) if shard.owns(n)]
-            pending = [(key, rows) for key, rows in todo if not chunks.done(key)]
+            part = parts[s.name]
+            part.create(
+                {"prompts": prompts_version.name, "chunks": len(part.plan), "config": s.model_dump(mode="json")}
+            )
+            todo = [(key, rows) for n, (key, rows) in enumerate(part.plan) if shard.owns(n)]
+            pending = [(key, rows) for key, rows in todo if not part.chunks.done(key)]
             if not pending:
                 continue
-            fill_source(prepared[s.name], cfg.seed, prompts, pending, chunks, plans, len(todo), log, progress)
-        return finish(chunks, plans, len(prompts), log)
+            if s.engine == "dataset":
+                fill_from_dataset(s, answers[s.name], prompts, pending, part, log)
+            else:
+                fill_source(prepared[s.name], cfg.seed, prompts, pending, part.chunks, len(todo), log, report)
+            record_progress(version_dir, parts)
+        return finish(store, version_dir, parts, len(prompts), log)
 
     job = "-".join(
         ([f"source-{source}"] if source else []) + ([f"shard-{shard.index}of{shard.count}"] if shard.count > 1 else [])
@@ -212,12 +300,11 @@ def fill_source(
     prompts: list[dict[str, Any]],
     pending: list[tuple[str, list[int]]],
     chunks: ChunkDir,
-    plans: Plans,
     owned: int,
     log: Callable[[str], None],
     progress: Progress | None,
 ) -> None:
-    """Load the source's engine, write each pending chunk, release the model."""
+    """Load the source's engine, write each pending chunk of its part (`chunks`), release the model."""
     s = prep.source
     base_seed = s.sampling.seed if s.sampling.seed is not None else seed
     done, tokens, seconds = owned - len(pending), 0, 0.0
@@ -231,7 +318,6 @@ def fill_source(
                 continue
             table, timings = sample_chunk(prep, engine, base_seed, key, [prompts[r] for r in rows])
             chunks.write(key, table, timings)
-            record_progress(chunks, plans)
             stats = json.loads(table.schema.metadata[CHUNK_STATS])
             done, tokens, seconds = done + 1, tokens + stats["tokens"], seconds + timings["generate_s"]
             if progress:
@@ -264,16 +350,22 @@ def sample_chunk(
         return prep.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     rows = [r for j in fits for r in completion_rows(prompts[j]["prompt_id"], s.name, completions[j], decode)]
+    table = chunk_table(rows, {"skipped_too_long": len(prompts) - len(fits)})
+    return table, {"generate_s": round(elapsed, 4), "wall_s": round(time.perf_counter() - chunk_started, 4)}
+
+
+def chunk_table(rows: list[dict[str, Any]], stats: dict[str, Any]) -> pa.Table:
+    """A chunk's rows, with its counts in the file's metadata (summed per source into the manifest)."""
     stats = {
-        "prompts": len(fits),
-        "skipped_too_long": len(prompts) - len(fits),
+        "prompts": len({r["prompt_id"] for r in rows}),
+        **stats,
         "samples": len(rows),
-        "tokens": sum(r["num_tokens"] for r in rows),
+        "tokens": sum(r["num_tokens"] or 0 for r in rows),
         "finish_length": sum(r["finish_reason"] == "length" for r in rows),
+        "identical_prompts": len({r["prompt_id"] for r in rows if r["identical_samples"]}),
     }
-    timings = {"generate_s": round(elapsed, 4), "wall_s": round(time.perf_counter() - chunk_started, 4)}
     table = pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
-    return table.replace_schema_metadata({CHUNK_STATS: json.dumps(stats)}), timings
+    return table.replace_schema_metadata({CHUNK_STATS: json.dumps(stats)})
 
 
 def chunk_check(plan: list[tuple[str, list[int]]]) -> Callable[[str, Any], str | None]:
@@ -306,34 +398,58 @@ def nothing_to_sample(domains: list[str], source: str | None) -> str:
     )
 
 
-def record_progress(chunks: ChunkDir, plans: Plans) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Finished chunk keys per source, and `progress.json` (shown by `fusechat status`): how far the version is."""
-    done = {name: chunks.finished(key for key, _ in plan) for name, plan in plans.items()}
-    n_done, total = sum(map(len, done.values())), sum(map(len, plans.values()))
-    fields = {"chunks": f"{n_done}/{total}", **{name: f"{len(done[name])}/{len(plan)}" for name, plan in plans.items()}}
-    chunks.write_progress(**fields)
-    return done, fields
+def fill_from_dataset(
+    source: SourceModel,
+    answers: dict[str, list[str]],
+    prompts: list[dict[str, Any]],
+    pending: list[tuple[str, list[int]]],
+    part: Part,
+    log: Callable[[str], None],
+) -> None:
+    """A dataset source's chunks: the answers its prompt source kept, no model loaded."""
+    log(f"{source.name}: answers of prompt source {source.dataset!r}; {len(pending)} chunks to do")
+    for key, rows in pending:
+        if part.chunks.done(key):  # a concurrent job running the same shard got there first
+            continue
+        started = time.perf_counter()
+        table = chunk_table(dataset_rows(source, [prompts[r] for r in rows], answers), {})
+        part.chunks.write(key, table, {"wall_s": round(time.perf_counter() - started, 4)})
 
 
-def finish(chunks: ChunkDir, plans: Plans, n_prompts: int, log: Callable[[str], None]) -> StageResult:
-    """Complete when every chunk of every source exists; otherwise say how far the version is."""
-    done, fields = record_progress(chunks, plans)
-    total = sum(map(len, plans.values()))
-    if sum(map(len, done.values())) < total:
-        per_source = ", ".join(f"{name} {fields[name]}" for name in plans)
+def record_progress(version_dir: ChunkDir, parts: dict[str, Part]) -> dict[str, str]:
+    """`progress.json` of the version being made (shown by `fusechat status`): chunks done per source."""
+    done = {name: len(part.done()) for name, part in parts.items()}
+    total = sum(len(part.plan) for part in parts.values())
+    fields = {
+        "chunks": f"{sum(done.values())}/{total}",
+        **{name: f"{done[name]}/{len(part.plan)}" for name, part in parts.items()},
+    }
+    version_dir.write_progress(**fields)
+    return fields
+
+
+def finish(
+    store: RunStore, version_dir: ChunkDir, parts: dict[str, Part], n_prompts: int, log: Callable[[str], None]
+) -> StageResult:
+    """Complete when every part is: link the parts' files into the version; otherwise say how far it is."""
+    fields = record_progress(version_dir, parts)
+    if not all(part.complete() for part in parts.values()):
+        per_source = ", ".join(f"{name} {fields[name]}" for name in parts)
         log(
             f"samples: {fields['chunks']} chunks done ({per_source}); "
             "the version completes when every source and shard has run"
         )
         return StageResult(complete=False)
-    chunks.clean_temps()
+    for part in parts.values():
+        link_files(part.files(), version_dir.data)
+    version_dir.clean_temps()
     by_source: dict[str, dict[str, Any]] = {}
     timings: dict[str, dict[str, float]] = {}
-    for name, keys in done.items():
+    for name, part in parts.items():
         sums: dict[str, float] = {}
-        for key in keys:
-            stats = json.loads(pq.read_schema(chunks.path(key)).metadata[CHUNK_STATS])
-            for stat, value in {**stats, **chunks.timings(key)}.items():
+        for key, f in zip(part.keys(), part.files(), strict=True):
+            stats = json.loads(pq.read_schema(f).metadata[CHUNK_STATS])
+            for stat, value in {**stats, **part.chunks.timings(key)}.items():
                 sums[stat] = sums.get(stat, 0) + value
         gen_s, wall_s = sums.pop("generate_s", 0.0), sums.pop("wall_s", 0.0)
         by_source[name] = {k: int(v) for k, v in sums.items()}
@@ -346,8 +462,18 @@ def finish(chunks: ChunkDir, plans: Plans, n_prompts: int, log: Callable[[str], 
         counts={
             "prompts": n_prompts,
             "samples": sum(c.get("samples", 0) for c in by_source.values()),
-            "chunks": total,
+            "chunks": sum(len(part.plan) for part in parts.values()),
             "by_source": by_source,
         },
         timings={"by_source": timings},
+        extra={
+            "parts": {
+                name: {
+                    "path": part.ref,
+                    "fingerprint": part.fingerprint,
+                    "reused_from": reused_from(store, name, part.fingerprint),
+                }
+                for name, part in parts.items()
+            }
+        },
     )

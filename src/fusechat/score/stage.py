@@ -325,15 +325,23 @@ def run_score(
 
         check_reward_model(cfg.score.reward_model)
 
+    from fusechat.score.reuse import chunk_plan, reuse_scored
+
+    config = stage_config(cfg)
+    plan = chunk_plan(samples, sample_rows.files, sample_rows.starts, sample_rows.total, cfg.score.shard_size)
+
     def body(partial: Path) -> StageResult:
+        chunks = ChunkDir(partial)
+        if not force:  # chunks of the same samples files scored the same way: linked, not scored again
+            reuse_scored(store, config, plan[1], chunks, log)
         return score_chunks(
-            cfg, ChunkDir(partial), sample_rows, index, shard, samples, log, progress, prompts, domain is not None
+            cfg, chunks, sample_rows, index, shard, samples, log, progress, prompts, domain is not None, plan
         )
 
     return run_stage(
         store,
         "scores",
-        stage_config(cfg),
+        config,
         {"samples": samples, "prompts": prompts},
         body,
         force=force,
@@ -354,9 +362,13 @@ def score_chunks(
     progress: Callable[[int, int], None] | None,
     prompts: Version | None = None,
     needs_reward: bool = True,
+    plan: tuple[list[tuple[int, int]], list[str]] | None = None,
 ) -> StageResult:
+    """Score this shard's chunks of `plan` (row ranges and chunk keys; default: ranges of `shard_size` rows). A
+    chunk found done (from an earlier attempt, or linked from an earlier scores version) must hold its range's rows,
+    else it is redone."""
     ranges = chunk_ranges(sample_rows.total, cfg.score.shard_size)
-    keys = [f"chunk-{i:06d}" for i in range(len(ranges))]
+    ranges, keys = plan or (ranges, [f"chunk-{i:06d}" for i in range(len(ranges))])
     rows_of = {key: end - start for key, (start, end) in zip(keys, ranges, strict=True)}
     chunks.drop_broken(
         keys,
@@ -387,7 +399,7 @@ def score_chunks(
         if devices != ["cpu"]:
             log(f"scoring on {', '.join(devices)}")
     if len(devices) == 1:
-        score_chunk_list(cfg, chunks, sample_rows, index, samples, ranges, todo, devices[0], log, finished)
+        score_chunk_list(cfg, chunks, sample_rows, index, samples, ranges, todo, devices[0], log, finished, keys)
     else:
         from fusechat.score.workers import run_workers
 
@@ -398,7 +410,7 @@ def score_chunks(
         share.score.code.workers = max(1, cfg.score.code.workers // k)
         threads = max(1, (os.cpu_count() or 1) // k)
         jobs = [
-            (share, chunks.root, samples, prompts, ranges, todo[w::k], device, threads)
+            (share, chunks.root, samples, prompts, ranges, todo[w::k], device, threads, keys)
             for w, device in enumerate(devices)
         ]
         run_workers(
@@ -423,8 +435,9 @@ def score_chunk_list(
     device: str,
     log: Callable[[str], None],
     finished: Callable[[int], None],
+    keys: list[str] | None = None,
 ) -> None:
-    """Score the chunks numbered `todo`, each written as soon as it is done."""
+    """Score the chunks numbered `todo` (named `keys[i]`), each written as soon as it is done."""
     if device.startswith("cuda"):
         import torch
 
@@ -437,7 +450,7 @@ def score_chunk_list(
             scored, timings = score_rows(rows, cfg.score, live.for_rows(rows), log)
             table = pa.Table.from_pylist(scored, schema=SCORES_SCHEMA)
             worker = {"host": socket.gethostname(), "pid": os.getpid(), "device": device}
-            chunks.write(f"chunk-{i:06d}", table, {"scorers": timings, "worker": worker})
+            chunks.write(keys[i] if keys else f"chunk-{i:06d}", table, {"scorers": timings, "worker": worker})
             finished(i)
     finally:
         live.close()
@@ -452,6 +465,7 @@ def score_in_worker(
     todo: list[int],
     device: str,
     threads: int,
+    keys: list[str] | None = None,
     *,
     emit: Callable[[str, Any], None],
 ) -> None:
@@ -472,6 +486,7 @@ def score_in_worker(
         device,
         lambda message: emit("log", message),
         lambda i: emit("chunk", i),
+        keys,
     )
 
 
