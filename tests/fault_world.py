@@ -1,6 +1,8 @@
-"""The small pipeline the fault suite breaks: two tiny sources (transformers engine), a tiny reward model, build,
-SFT and DPO with checkpoints, run once cleanly (the reference every faulty run is compared with), plus the tools
-to kill a stage at a chosen moment and compare what a resumed run made with the clean run.
+"""The small pipeline the fault suite breaks: two tiny sources (transformers engine) and one `engine: dataset` source
+(the math file's own solutions, kept in the prompts version's responses.parquet), a tiny reward model, build, SFT
+and DPO with checkpoints, run once cleanly (the reference every faulty run is compared with), plus the tools to kill
+a stage at a chosen moment and compare what a resumed run made with the clean run. Samples live in per-source parts
+(`samples/parts/<source>-<fp>/`, linked into the samples version), so the tools look there for sample chunks.
 
 Every path in the config is absolute except `workdir` (relative), so a copy of the clean run directory under
 another folder is the same run: its versions are cache hits there, and a stage resumed there must reproduce the
@@ -50,9 +52,15 @@ SFT_STEPS, DPO_STEPS = 10, 7  # neither a whole number of epochs: a resume at th
 
 
 def world_config(root: Path, models: dict[str, Path]) -> dict[str, Any]:
-    """16 prompts in two domains; llama answers each twice, qwen math three times and chat once."""
+    """16 prompts in two domains; llama answers each twice, qwen math three times and chat once, and `answers` takes
+    one of the two solutions each math problem ships with (one row per solution, as OpenMathInstruct-2)."""
     rows = [{"q": f"Tell me about the number {i}.", "kind": "chat"} for i in range(8)]
-    rows += [{"q": f"What is {i} plus {i + 3}?", "a": str(2 * i + 3), "kind": "math"} for i in range(8)]
+    rows += [
+        {"q": f"What is {i} plus {i + 3}?", "a": str(2 * i + 3), "kind": "math", "sol": sol}
+        for i in range(8)
+        # neither is exact: math makes no SFT row, so the training sets (and the kill points' steps) stay as they are
+        for sol in (f"{i} + {i + 3} = {2 * i + 3}", f"The sum is {2 * i + 3}.")
+    ]
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = {"engine": "transformers", "chunk_size": 2, "batch_size": 2, "sampling": {"max_tokens": 8}}
     # on CPU also where a GPU is visible: the suite compares weights bit for bit
@@ -67,8 +75,9 @@ def world_config(root: Path, models: dict[str, Path]) -> dict[str, Any]:
                     "name": kind,
                     "path": str(root / "prompts.jsonl"),
                     "domain": kind,
-                    "fields": {"prompt": "q", **({"answer": "a"} if kind == "math" else {})},
+                    "fields": {"prompt": "q", **({"answer": "a", "response": "sol"} if kind == "math" else {})},
                     "exclude": {"kind": ["math" if kind == "chat" else "chat"]},
+                    **({"max_responses": 2} if kind == "math" else {}),
                 }
                 for kind in ("chat", "math")
             ]
@@ -81,6 +90,8 @@ def world_config(root: Path, models: dict[str, Path]) -> dict[str, Any]:
                 **copy.deepcopy(common),
             },
             {"name": "qwen", "model": str(models["qwen2"]), "samples": {"chat": 1, "math": 3}, **copy.deepcopy(common)},
+            # k = 1: no DPO pair of its own, so the DPO set (and its steps) stay those of the two models
+            {"name": "answers", "engine": "dataset", "dataset": "math", "samples": {"math": 1}, "chunk_size": 4},
         ],
         "score": {
             "reward_model": {"path": str(models["reward"]), "max_length": 256},
@@ -126,14 +137,20 @@ class World:
         [version] = self.store.versions(stage)
         return version
 
-    def case(self, folder: Path, upto: str | None, config: dict[str, Any] | None = None) -> Path:
+    def case(
+        self, folder: Path, upto: str | None, config: dict[str, Any] | None = None, parts: tuple[str, ...] = ()
+    ) -> Path:
         """A folder with the config and a copy of the clean run's versions of the stages before `upto` (all of
-        them for None); returns the folder (run the CLI with it as the working directory)."""
+        them for None), plus the clean samples parts of the sources named in `parts` (reused by a samples run
+        there); returns the folder (run the CLI with it as the working directory)."""
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "cfg.yaml").write_text(yaml.safe_dump(config or self.config, sort_keys=False))
         keep = ORDER if upto is None else ORDER[: ORDER.index(upto)]
         for stage in keep:
             shutil.copytree(self.run_dir / stage, folder / "runs" / NAME / stage, symlinks=True)
+        for source in parts:
+            [part] = (self.run_dir / "samples" / "parts").glob(f"{source}-*")
+            shutil.copytree(part, folder / "runs" / NAME / "samples" / "parts" / part.name)
         return folder
 
 
@@ -209,7 +226,7 @@ class Kill:
 
 def start(kill: Kill) -> None:
     kill.proc = subprocess.Popen(
-        [sys.executable, "-m", "fusechat.cli", VERBS[kill.stage], "-c", "cfg.yaml"],
+        [sys.executable, "-m", "fusechat.cli", VERBS[kill.stage], "-c", "cfg.yaml", *kill.extra.get("args", [])],
         cwd=kill.folder,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -271,6 +288,9 @@ def describe(run_dir: Path, stage: str) -> str:
         return "no partial folder"
     p = partial[0]
     chunks = len(list((p / "data").glob("*.parquet"))) if (p / "data").is_dir() else 0
+    if stage == "samples":  # chunks live in the sources' parts; the version's folder gets links at the end
+        done = {part.name.split("-")[0]: len(list(part.glob("data/*.parquet"))) for part in sorted(parts_of(run_dir))}
+        return f"partial: part chunks {done}, {chunks} linked"
     checkpoints = (
         sorted(q.name for q in (p / "checkpoints").glob("checkpoint-*")) if (p / "checkpoints").is_dir() else []
     )
@@ -288,6 +308,21 @@ def count(pattern: str, n: int, stage: str) -> Callable[[Path], bool]:
     def ready(run_dir: Path) -> bool:
         p = partial_of(run_dir, stage)
         return p is not None and len(list(p.glob(pattern))) >= n
+
+    return ready
+
+
+def parts_of(run_dir: Path) -> list[Path]:
+    root = run_dir / "samples" / "parts"
+    return [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] if root.is_dir() else []
+
+
+def part_chunks(n: int, source: str | None = None) -> Callable[[Path], bool]:
+    """At least `n` finished chunk files in the samples parts (of `source` only, if given)."""
+
+    def ready(run_dir: Path) -> bool:
+        parts = [p for p in parts_of(run_dir) if source is None or p.name.startswith(f"{source}-")]
+        return sum(len(list(p.glob("data/*.parquet"))) for p in parts) >= n
 
     return ready
 
@@ -322,11 +357,14 @@ def committed(stage: str) -> Callable[[Path], bool]:
 
 # ------------------------------------------------------------------------------------------------ comparing
 def data_files(version_dir: Path) -> dict[str, bytes]:
-    """Every file of a version except its manifest (which holds timings and dates), by relative path."""
+    """Every file of a version (or of a samples part) except its manifest (which holds timings and dates) and
+    hidden side files (a part's chunk timings), by relative path."""
     return {
         p.relative_to(version_dir).as_posix(): p.read_bytes()
         for p in sorted(version_dir.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
+        if p.is_file()
+        and p.name != "manifest.json"
+        and not any(q.startswith(".") for q in p.relative_to(version_dir).parts)
     }
 
 

@@ -1,8 +1,10 @@
 """Same inputs, same config, same seed: the same bytes. The small pipeline (tests/fault_world.py) run a second time
 from scratch, by `fusechat run` in another folder and another process, must write every file of every version
-(Parquet data with its metadata, stats.json, the SFT model's weights, config and tokenizer, log_history.json)
-byte for byte as the first run did; timings, dates and host facts live in the manifests only. Hardware: CPU
-(the same seed gives the same weights on CPU; GPU kernels need not be deterministic)."""
+(Parquet data with its metadata, the prompts version's responses.parquet, stats.json, the SFT model's weights,
+config and tokenizer, log_history.json) and of every samples part (part.json and its chunks, which the samples
+version links) byte for byte as the first run did; timings, dates and host facts live in the manifests only (and
+in a part's hidden side files). Hardware: CPU (the same seed gives the same weights on CPU; GPU kernels need not be
+deterministic)."""
 
 from __future__ import annotations
 
@@ -43,4 +45,10 @@ def test_two_runs_from_scratch_write_the_same_bytes(fault_world, tmp_path):
             metadata = pq.read_schema(f).metadata or {}
             words = (b"wall_s", b"generate_s", b"seconds", b"host", b"pid", b"device")
             assert not any(w in v for v in metadata.values() for w in words), (f, metadata)
-    assert compared >= 16 + 16 + 4 + 5  # chunks of samples and scores, prompts, datasets, model files
+    a, b = (data_files(root / "samples" / "parts") for root in (fault_world.run_dir, store.root))
+    assert sorted(a) == sorted(b) and [name for name in a if a[name] != b[name]] == []
+    assert len(a) == 3 + 18  # part.json of each source, and their chunks
+    assert "responses.parquet" in data_files(store.latest("prompts").path)
+    compared += len(a)
+    # chunks of samples and scores, prompts and answers, datasets, model files, and the parts
+    assert compared >= 18 + 22 + 2 + 3 + 5 + 21

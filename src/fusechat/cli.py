@@ -221,8 +221,9 @@ def clean(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Remove the partial folders of interrupted runs that no live job works in (their finished chunks and
-    checkpoints are lost: a re-run starts that version over). Complete versions are never touched."""
+    """Remove the partial folders and unfinished samples parts of interrupted runs that no live job works in
+    (their finished chunks and checkpoints are lost: a re-run starts them over). Complete versions and complete
+    parts are never touched."""
     from fusechat.config import load_config
     from fusechat.status import clean as clean_partials
     from fusechat.status import human_bytes
@@ -232,10 +233,11 @@ def clean(
     unknown = [s for s in stage or [] if s not in STAGES]
     if unknown:
         raise UserError(f"--stage {unknown[0]}: expected one of {', '.join(STAGES)}")
-    removed = clean_partials(_store(cfg), stage or None, dry_run=dry_run)
+    store = _store(cfg)
+    removed = clean_partials(store, stage or None, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
-    for name, path, size in removed:
-        say(f"{verb}: {name}/{path.name} ({human_bytes(size)})")
+    for _, path, size in removed:
+        say(f"{verb}: {path.relative_to(store.root).as_posix()} ({human_bytes(size)})")
     total = human_bytes(sum(size for *_, size in removed))
     say(f"{verb} {len(removed)} abandoned partial folder(s), {total}" if removed else "nothing to clean")
 

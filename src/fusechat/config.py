@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fusechat.errors import UserError
 
@@ -78,6 +86,21 @@ class PromptSource(Section):
     exclude: dict[str, list[Any]] = {}  # drop rows whose column value is listed, e.g. task_category: [Math]
     exclude_topics: list[Literal["code", "math"]] = []  # drop prompts fusechat.topics' rule puts in these topics
     max_responses: int = Field(default=8, ge=1)  # fields.response: answers kept per prompt
+
+    @field_validator("stratify")
+    @classmethod
+    def _stratify_a_limit(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and (not v.strip() or info.data.get("limit") is None):
+            raise ValueError("splits a `limit` by this column: set limit, and a column name")
+        return v
+
+    @field_validator("max_responses")
+    @classmethod
+    def _responses_mapped(cls, v: int, info: ValidationInfo) -> int:
+        fields = info.data.get("fields")
+        if fields is not None and fields.response is None and v != cls.model_fields["max_responses"].default:
+            raise ValueError("counts the answers of fields.response, which is not set")
+        return v
 
     @model_validator(mode="after")
     def _one_source_of_tests(self) -> PromptSource:
@@ -144,6 +167,13 @@ class SourceModel(Section):
     def k_for(self, domain: str) -> int:
         return self.samples.get(domain, self.default_samples)
 
+    @field_validator("engine_args", "sampling", "chat_template", "system_prompt", "system_role", "batch_size")
+    @classmethod
+    def _a_model_setting(cls, v: Any, info: ValidationInfo) -> Any:
+        if info.data.get("engine") == "dataset" and v != cls.model_fields[info.field_name].default:
+            raise ValueError("engine: dataset loads no model, so this setting does nothing; remove it")
+        return v
+
     @model_validator(mode="after")
     def _model_or_dataset(self) -> SourceModel:
         if self.engine == "dataset":
@@ -206,6 +236,14 @@ class BuildConfig(Section):
     # and is cut to fit when selected, as the paper's trainer did)
     over_length: Literal["exclude", "truncate"] = "exclude"
     pairs_per_prompt: int = Field(default=1, ge=1)
+
+    @field_validator("over_length")
+    @classmethod
+    def _a_length_to_cut_to(cls, v: str, info: ValidationInfo) -> str:
+        if v == "truncate" and "max_length" in info.data and info.data["max_length"] is None:
+            raise ValueError("truncate cuts to build.max_length, which is null (no length filter)")
+        return v
+
     pair_source_rule: Literal["largest_margin", "highest_chosen", "random"] = "largest_margin"
 
     @field_validator("margin")
@@ -341,12 +379,18 @@ class FusechatConfig(Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate source name(s): {', '.join(dup)}")
-        answered = [p.name for p in self.prompts.sources if p.fields.response]
+        answered = {p.name: p for p in self.prompts.sources if p.fields.response}
         for i, s in enumerate(self.sources):
             if s.dataset is not None and s.dataset not in answered:
                 raise ValueError(
                     f"sources[{i}].dataset: {s.dataset!r} is not a prompt source with fields.response "
                     f"({', '.join(answered) or 'none has one'})"
+                )
+            if s.dataset is not None and s.k_for(answered[s.dataset].domain) == 0:
+                domain = answered[s.dataset].domain
+                raise ValueError(
+                    f"sources[{i}].samples: 0 for domain {domain!r}, the domain of prompt source {s.dataset!r}: "
+                    f"{s.name} would take none of its answers"
                 )
         return self
 
@@ -474,7 +518,9 @@ def describe_validation_error(e: ValidationError, data: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"{where}: required key missing"
     msg = err["msg"].removeprefix("Value error, ")
-    if "input" in err and err["type"] not in ("model_type",):
+    if not loc:  # a check across sections names its keys itself
+        return msg
+    if "input" in err and err["type"] not in ("model_type",) and not isinstance(err["input"], dict):
         return f"{where}: {msg} (got {json.dumps(err['input'], default=str)[:80]})"
     return f"{where}: {msg}"
 

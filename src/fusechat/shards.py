@@ -74,13 +74,8 @@ class ChunkDir:
         return [k for k in keys if self.done(k)]
 
     def write(self, key: str, table: pa.Table, timings: dict[str, Any] | None = None) -> None:
-        """The chunk's file, durably (temp file, fsync, rename, fsync of the folder); its timings beside it."""
-        if timings is not None:
-            side = self.root / ".timings"
-            side.mkdir(exist_ok=True)
-            tmp = side / f".{key}.{uuid.uuid4().hex[:8]}"
-            tmp.write_text(json.dumps(timings))
-            os.replace(tmp, side / f"{key}.json")
+        """The chunk's file, durably (temp file, fsync, rename, fsync of the folder); then its timings beside it,
+        best effort (they are not data: a full disk fails on the chunk, not on them)."""
         final = self.path(key)
         tmp = self.data / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
         try:
@@ -94,6 +89,15 @@ class ChunkDir:
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(self.data)
+        if timings is not None:
+            side = self.root / ".timings"
+            tmp = side / f".{key}.{uuid.uuid4().hex[:8]}"
+            try:
+                side.mkdir(exist_ok=True)
+                tmp.write_text(json.dumps(timings))
+                os.replace(tmp, side / f"{key}.json")
+            except OSError:
+                tmp.unlink(missing_ok=True)
 
     def timings(self, key: str) -> dict[str, Any]:
         """What `write` recorded beside the chunk (empty for a chunk written by a version before it did)."""
@@ -124,9 +128,13 @@ class ChunkDir:
         return removed
 
     def write_progress(self, **fields) -> None:
+        """`progress.json`, for `fusechat status`; best effort (a full disk fails on a chunk, not on this)."""
         tmp = self.root / f".progress.{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps(fields))
-        os.replace(tmp, self.root / "progress.json")
+        try:
+            tmp.write_text(json.dumps(fields))
+            os.replace(tmp, self.root / "progress.json")
+        except OSError:
+            tmp.unlink(missing_ok=True)
 
     def clean_temps(self) -> None:
         """Drop temp files of chunks killed mid-write (only at commit: a live job may still be writing one); the

@@ -1,5 +1,5 @@
-"""`fusechat status`: every stage's versions, counts, lineage, and the unfinished (partial) folders: how far each
-is and whether a live job works in it. `fusechat clean`: remove the partial folders no job works in."""
+"""`fusechat status`: every stage's versions, counts, lineage, and the unfinished (partial) folders and samples parts:
+how far each is and whether a live job works in it. `fusechat clean`: remove the ones no job works in."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def status_table(store: RunStore) -> Table:
     for stage in STAGES:
         versions, broken = store.scan(stage)
         partials = store.partials(stage)
-        if not versions and not partials and not broken:
+        parts = unfinished_parts(store) if stage == "samples" else []
+        if not versions and not partials and not broken and not parts:
             table.add_row(stage, "-", "[dim]none[/dim]", "", "", "", "")
             continue
         for v in versions:
@@ -93,17 +94,36 @@ def status_table(store: RunStore) -> Table:
                 escape(partial_summary(p)),
                 escape(detail),
             )
-        if stage == "samples":
-            from fusechat.sample.parts import incomplete_parts
-
-            for name, progress in incomplete_parts(store):
-                table.add_row(stage, escape(name), "[yellow]partial[/yellow]", "", f"chunks={progress}", "", "")
+        for path, progress in parts:
+            state, detail = partial_state(store, path)
+            colour = "yellow" if state == "running" else "red"
+            name = path.relative_to(store.stage_dir(stage)).as_posix()
+            table.add_row(
+                stage,
+                escape(name),
+                f"[{colour}]part, {state}[/{colour}]",
+                "",
+                f"chunks={escape(progress)}",
+                escape(detail),
+            )
     return table
 
 
+def unfinished_parts(store: RunStore) -> list[tuple[Path, str]]:
+    """Samples parts not yet complete, with chunks done/planned (`fusechat.sample.parts`)."""
+    from fusechat.sample.parts import incomplete_parts
+
+    return incomplete_parts(store)
+
+
 def abandoned(store: RunStore, stages: list[str] | None = None) -> list[tuple[str, Path]]:
-    """Partial folders no live job works in: (stage, path)."""
-    return [(stage, p) for stage in stages or STAGES for p in store.partials(stage) if store.busy(p) is None]
+    """Partial folders and unfinished samples parts no live job works in: (stage, path)."""
+    found = []
+    for stage in stages or STAGES:
+        found += [(stage, p) for p in store.partials(stage) if store.busy(p) is None]
+        if stage == "samples":
+            found += [(stage, p) for p, _ in unfinished_parts(store) if store.busy(p) is None]
+    return found
 
 
 def clean(store: RunStore, stages: list[str] | None = None, dry_run: bool = False) -> list[tuple[str, Path, int]]:

@@ -193,7 +193,7 @@ class RunStore:
         if listed is None:
             return version
         for rel, info in listed.items():
-            problem = _file_problem(version.path / rel, info)
+            problem = file_problem(version.path / rel, info)
             if problem:
                 maker = MAKERS.get(version.stage, version.stage)
                 raise UserError(
@@ -500,7 +500,7 @@ def _parquet_rows(path: Path) -> int:
     return pq.read_metadata(path).num_rows
 
 
-def _file_problem(path: Path, info: dict[str, int]) -> str | None:
+def file_problem(path: Path, info: dict[str, int]) -> str | None:
     """Why a listed file does not match its manifest entry, or None."""
     try:
         size = path.stat().st_size

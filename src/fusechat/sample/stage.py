@@ -204,7 +204,7 @@ def run_sample(
     progress: Progress | None = None,
 ) -> Version | None:
     """Fill this job's chunks of the samples version; return it when complete, else None (other parts missing).
-    `force`: sample the selected sources' parts again even when complete."""
+    `force`: sample the selected sources' parts again from scratch (a part a live job fills is an error)."""
     pinned = pinned or {}
     for stage in pinned:
         if stage != "prompts":
@@ -241,15 +241,9 @@ def run_sample(
     for part in parts.values():  # a chunk damaged since it was written (power loss, full disk) is redone
         if part.done():
             part.chunks.drop_broken(part.done(), chunk_check(part.plan), log)
-    if force:
-        for _, s in chosen:
-            if parts[s.name].complete():
-                parts[s.name].reset()
-    for s in cfg.sources:
-        part = parts[s.name]
-        if part.plan and part.complete():
-            log(f"{s.name}: cached ({part.ref}, {len(part.plan)} chunks)")
-    selected = [(i, s) for i, s in chosen if not parts[s.name].complete()]
+    # --force starts the chosen parts over (forced shard jobs of one redo keep what their sibling jobs wrote)
+    redo = [s.name for _, s in chosen if force and (shard.count == 1 or parts[s.name].complete())]
+    selected = [(i, s) for i, s in chosen if s.name in redo or not parts[s.name].complete()]
     prepared = {
         s.name: prepare(s, f"sources[{i}]", probe_prompt(prompts, parts[s.name].plan))
         for i, s in selected
@@ -257,6 +251,12 @@ def run_sample(
     }
 
     def body(partial: Path) -> StageResult:
+        for name in redo:  # under the job lock: never the part another run of this job is filling
+            parts[name].reset(store, log)
+        for s in cfg.sources:
+            part = parts[s.name]
+            if part.plan and part.complete():
+                log(f"{s.name}: cached ({part.ref}, {len(part.plan)} chunks)")
         version_dir = ChunkDir(partial)
 
         def report(name: str, done: int, total: int, tokens: int, seconds: float) -> None:
@@ -273,16 +273,19 @@ def run_sample(
             pending = [(key, rows) for key, rows in todo if not part.chunks.done(key)]
             if not pending:
                 continue
-            if s.engine == "dataset":
-                fill_from_dataset(s, answers[s.name], prompts, pending, part, log)
-            else:
-                fill_source(prepared[s.name], cfg.seed, prompts, pending, part.chunks, len(todo), log, report)
+            with store.using(part.path):  # `clean` and a forced redo leave a part alone while a job fills it
+                if s.engine == "dataset":
+                    fill_from_dataset(s, answers[s.name], prompts, pending, part, log)
+                else:
+                    fill_source(prepared[s.name], cfg.seed, prompts, pending, part.chunks, len(todo), log, report)
             record_progress(version_dir, parts)
         return finish(store, version_dir, parts, len(prompts), log)
 
     job = "-".join(
         ([f"source-{source}"] if source else []) + ([f"shard-{shard.index}of{shard.count}"] if shard.count > 1 else [])
     )
+    # The version's own folder holds only links to its parts: forcing it matters only to redo a complete version.
+    force = force and store.find("samples", fp) is not None
     try:
         return run_stage(store, "samples", config, inputs, body, force=force, resumable=True, job=job or None, log=log)
     except FileNotFoundError:
@@ -447,9 +450,10 @@ def finish(
     timings: dict[str, dict[str, float]] = {}
     for name, part in parts.items():
         sums: dict[str, float] = {}
+        chunks = part.chunks
         for key, f in zip(part.keys(), part.files(), strict=True):
             stats = json.loads(pq.read_schema(f).metadata[CHUNK_STATS])
-            for stat, value in {**stats, **part.chunks.timings(key)}.items():
+            for stat, value in {**stats, **chunks.timings(key)}.items():
                 sums[stat] = sums.get(stat, 0) + value
         gen_s, wall_s = sums.pop("generate_s", 0.0), sums.pop("wall_s", 0.0)
         by_source[name] = {k: int(v) for k, v in sums.items()}
