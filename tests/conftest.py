@@ -93,3 +93,12 @@ def small_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
         timeout=1500,
     )
     return cwd, done
+
+
+@pytest.fixture(scope="session")
+def fault_world(tmp_path_factory, tiny_llama, tiny_qwen2, tiny_reward):
+    """The small pipeline run once cleanly (tests/fault_world.py): the reference of the fault suite."""
+    from fault_world import build_world
+
+    models = {"llama": tiny_llama, "qwen2": tiny_qwen2, "reward": tiny_reward}
+    return build_world(tmp_path_factory.mktemp("fault_world"), models)

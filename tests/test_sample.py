@@ -264,8 +264,7 @@ def test_a_dataset_source_samples_the_kept_answers_without_a_model(tmp_path):
     no_answers["prompts"] = {
         "sources": [{**omi2, "fields": {**omi2["fields"], "response": None}}, {**omi2, "name": "b"}]
     }
-    no_answers["prompts"]["sources"][1]["path"] = str(tmp_path / "empty.jsonl")
-    (tmp_path / "empty.jsonl").write_text("")
+    # source b reads the same problems, which source a already took (duplicates): it keeps no answer
     no_answers["sources"] = [{**data["sources"][0], "dataset": "b"}]
     cfg = FusechatConfig.model_validate(no_answers)
     run_prompts(cfg, RunStore(cfg.run_dir), log=lambda m: None)

@@ -1,7 +1,10 @@
 import json
 import multiprocessing as mp
+import shutil
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from fusechat.errors import UserError
@@ -84,18 +87,51 @@ def test_resolve_latest_and_pinned(tmp_path):
         store.resolve("samples")
 
 
-def test_incomplete_version_is_never_read(tmp_path):
+def test_a_version_dir_with_a_broken_manifest_is_an_error_naming_it(tmp_path):
+    """Never read, never silently skipped (that would let an older version stand in or redo the work)."""
     store = RunStore(tmp_path)
     run_stage(store, "prompts", {"a": 1}, {}, body_writing("1"), log=lambda s: None)
-    # A directory that looks like a version but whose manifest is missing or not complete.
-    (tmp_path / "prompts/v002").mkdir()
-    (tmp_path / "prompts/v003").mkdir()
-    (tmp_path / "prompts/v003/manifest.json").write_text('{"status": "running", "fingerprint": "x"}')
-    assert [v.name for v in store.versions("prompts")] == ["v001"]
-    with pytest.raises(UserError, match="v002 is incomplete"):
-        store.resolve("prompts", "v002")
-    v = run_stage(store, "prompts", {"a": 3}, {}, body_writing("3"), log=lambda s: None)
-    assert v.name == "v004"
+    for name, text in (("v002", None), ("v003", '{"status": "running", "fingerprint": "x"}'), ("v004", "{trunc")):
+        (tmp_path / "prompts" / name).mkdir()
+        if text is not None:
+            (tmp_path / "prompts" / name / "manifest.json").write_text(text)
+        with pytest.raises(UserError, match=rf"^{tmp_path}/prompts/{name}/manifest.json: "):
+            store.resolve("prompts")
+        with pytest.raises(UserError, match=rf"prompts/{name}/manifest.json: "):
+            run_stage(store, "prompts", {"a": 1}, {}, body_writing("1"), log=lambda s: None)
+        versions, broken = store.scan("prompts")
+        assert [v.name for v in versions] == ["v001"] and broken[0][0].parent.name == name
+        shutil.rmtree(tmp_path / "prompts" / name)
+    assert store.resolve("prompts").name == "v001"
+
+
+def test_files_are_checked_against_the_manifest(tmp_path):
+    store = RunStore(tmp_path)
+
+    def body(out: Path) -> StageResult:
+        (out / "data").mkdir()
+        for i in range(2):
+            pq.write_table(pa.table({"x": list(range(3 + i))}), out / "data" / f"c{i}.parquet")
+        return StageResult()
+
+    v = run_stage(store, "samples", {}, {}, body, resumable=True, log=lambda s: None)
+    assert v.manifest["files"]["data/c1.parquet"]["rows"] == 4 and v.manifest["files"]["data/c0.parquet"]["bytes"] > 0
+    assert store.resolve("samples").name == "v001"
+    c0 = v.data / "c0.parquet"
+    blob = c0.read_bytes()
+    c0.write_bytes(blob[:-10])  # truncated
+    with pytest.raises(UserError, match=r"c0.parquet: \d+ bytes, the manifest says \d+ .*samples/v001 is damaged"):
+        store.resolve("samples")
+    c0.unlink()  # lost
+    with pytest.raises(UserError, match=r"c0.parquet: missing \(samples/v001 is damaged"):
+        store.resolve("samples", "v001")
+    logs = []
+    with pytest.raises(UserError, match="c0.parquet: missing"):  # a damaged cache hit is not used either
+        run_stage(store, "samples", {}, {}, body, resumable=True, log=logs.append)
+    c0.write_bytes(blob)
+    pq.write_table(pa.table({"x": [1]}), v.data / "stray.parquet")
+    with pytest.raises(UserError, match=r"stray.parquet: not part of samples/v001"):
+        store.resolve("samples")
 
 
 def test_resumable_partial_is_shared_and_kept_on_failure(tmp_path):
@@ -138,3 +174,24 @@ def test_concurrent_creation_never_collides(tmp_path):
     store = RunStore(tmp_path)
     texts = sorted((v.data / "x.txt").read_text() for v in store.versions("prompts"))
     assert texts == [str(i) for i in range(6)]
+
+
+def test_status_shows_broken_versions_and_partials_by_state(tmp_path):
+    from rich.console import Console
+
+    from fusechat.status import clean, status_table
+
+    store = RunStore(tmp_path / "runs" / "r[1]")  # brackets in a path are shown as they are
+    run_stage(store, "prompts", {"a": 1}, {}, body_writing("1"), log=lambda s: None)
+    (store.stage_dir("prompts") / "v002").mkdir()
+    live = store.partial_dir("samples", "f" * 64)
+    dead = store.partial_dir("scores", "e" * 64)
+    console = Console(width=250, record=True)
+    with store.using(live):
+        console.print(status_table(store))
+        assert clean(store) == [("scores", dead, 0)]
+    text = console.export_text()
+    assert f"fusechat run: {store.root}" in text
+    assert "broken" in text and "manifest.json: missing" in text
+    assert "partial, running" in text and "partial, abandoned" in text
+    assert live.is_dir() and not dead.exists()

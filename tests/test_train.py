@@ -88,10 +88,11 @@ def test_launch_command_on_cpu_uses_multi_gpu_with_use_cpu(tmp_path, monkeypatch
 
 
 def test_last_checkpoint_skips_one_killed_while_saving(tmp_path):
-    for step, complete in ((2, True), (4, True), (6, False)):
+    # the Trainer writes trainer_state.json last and not atomically: missing or truncated, the save was cut short
+    for step, state in ((2, "{}"), (4, "{}"), (6, None), (8, ""), (10, '{"global_step": 1')):
         (tmp_path / f"checkpoint-{step}").mkdir()
-        if complete:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert last_checkpoint(tmp_path) == (tmp_path / "checkpoint-4", 4)
     assert last_checkpoint(tmp_path / "none") == (None, 0)
 
@@ -322,6 +323,51 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_llama):
     train = version.manifest["train"]
     assert train["resumed_from_step"] == 2 and train["steps_run"] == 4 and train["global_step"] == 6
     assert not partial.exists() and not (version.path / "checkpoints").exists()
+
+
+@pytest.mark.cpu_only
+@pytest.mark.slow
+def test_killed_after_the_last_checkpoint_ends_at_max_steps_with_the_clean_weights(tmp_path, tiny_llama):
+    """The Trainer, resumed from the checkpoint of its last step, used to take one step more (max_steps 10 ended
+    at 11 with other weights; a constant schedule shows it). Now it ends at 10 with the weights, loss and token
+    count of an uninterrupted run. CPU: the same seed gives the same weights."""
+    from safetensors.torch import load_file
+
+    from fusechat.config import load_config
+    from fusechat.train.sft import run_sft
+
+    sft = {"max_steps": 10, "save_strategy": "steps", "save_steps": 5, "lr_scheduler_type": "constant"}
+    runs = {}
+    for name in ("clean", "killed"):
+        (tmp_path / name).mkdir()
+        cfg_path = make_run(tmp_path / name, tiny_llama, sft=sft)  # 32 rows, 4 steps an epoch: 10 is mid-epoch
+        if name == "killed":
+            script = textwrap.dedent(f"""
+                import os, signal
+                from transformers import TrainerCallback
+                from fusechat.config import load_config
+                from fusechat.store import RunStore
+                from fusechat.train.sft import run_sft
+
+                class KillAfterLastCheckpoint(TrainerCallback):
+                    def on_save(self, args, state, control, **kw):
+                        if state.global_step == 10:
+                            os.kill(os.getpid(), signal.SIGKILL)
+
+                cfg = load_config({str(cfg_path)!r})
+                run_sft(cfg, RunStore(cfg.run_dir), callbacks=[KillAfterLastCheckpoint()])
+            """)
+            killed = subprocess.run([sys.executable, "-c", script], env=SUBPROCESS_ENV, capture_output=True, text=True)
+            assert killed.returncode == -9, killed.stderr[-2000:]
+            (partial,) = (tmp_path / name / "runs" / "t" / "sft").glob(".partial-*")
+            assert last_checkpoint(partial / "checkpoints")[1] == 10
+        cfg = load_config(cfg_path)
+        runs[name] = run_sft(cfg, RunStore(cfg.run_dir), log=lambda m: None)
+    clean, resumed = runs["clean"].manifest["train"], runs["killed"].manifest["train"]
+    assert resumed["resumed_from_step"] == 10 and resumed["steps_run"] == 0 and resumed["global_step"] == 10
+    assert resumed["tokens"] == clean["tokens"] and resumed["train_loss"] == pytest.approx(clean["train_loss"])
+    a, b = (load_file(str(runs[n].path / "model" / "model.safetensors")) for n in ("clean", "killed"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
 
 
 @pytest.mark.cpu_only

@@ -89,9 +89,9 @@ def _upstream(store: RunStore, version: Version, stage: str, pinned: dict[str, s
     name = (version.manifest.get("inputs") or {}).get(stage)
     if name is None:
         return store.resolve(stage)
-    for v in store.versions(stage):
-        if v.name == name:
-            return v
+    v = store.named(stage, name)
+    if v is not None:
+        return store.check(v)
     raise UserError(
         f"{version.ref} was made from {stage}/{name}, which is not a complete version in "
         f"{store.root}; pin one with --input {stage}=vNNN"
@@ -139,7 +139,11 @@ def run_build(
         log("note: build.max_length is null, so no length filter")
 
     def body(out: Path) -> StageResult:
-        return build_datasets(cfg, inputs, out, lengths, progress or (lambda *a: None), log)
+        result = build_datasets(cfg, inputs, out, lengths, progress or (lambda *a: None), log)
+        if not result.counts["sft_rows"] and not result.counts["dpo_pairs"]:
+            warnings = json.loads((out / "stats.json").read_text()).get("warnings") or ["see the drop counts"]
+            raise UserError(f"build: {inputs['scores'].ref} yields no SFT row and no DPO pair: {warnings[0]}")
+        return result
 
     version = run_stage(store, "datasets", stage_config(cfg), inputs, body, force=force, log=log)
     assert version is not None

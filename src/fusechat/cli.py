@@ -1,10 +1,13 @@
 """The `fusechat` command line: one Typer command per stage, each a thin call into the stage's module.
 
-User mistakes surface as one line on stderr and exit code 2 (`UserError`); nothing half-written stays visible.
+User mistakes surface as one line on stderr and exit code 2 (`UserError`); so do the faults a user fixes on the
+machine (disk full, read-only or missing permission). Nothing half-written stays visible. Messages and log lines
+print as plain text: a path or a config value with `[...]` in it is shown as it is, never read as rich markup.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -15,10 +18,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from fusechat.errors import UserError
+from fusechat.errors import UserError, first_line
 
 app = typer.Typer(
     add_completion=False,
@@ -39,26 +44,82 @@ InputOpt = Annotated[
 ForceOpt = Annotated[bool, typer.Option("--force", help="Make a new version even when a cached one matches.")]
 
 
+# Faults of the machine a user fixes there: one line, exit 2, like a user mistake (the message says what to do).
+FAULTS = {
+    errno.ENOSPC: "no space left on the device; free some and re-run (finished chunks and checkpoints are kept)",
+    errno.EDQUOT: "disk quota exceeded; free some and re-run (finished chunks and checkpoints are kept)",
+    errno.EROFS: "read-only file system; point workdir at a writable directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+# Libraries that write files (safetensors, torch, pyarrow) report these faults in their own exception types.
+FAULT_TEXTS = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+}
+
+
+def say(message: Any = "") -> None:
+    """A log line as plain text (no markup, no emoji codes, no highlighting of user strings)."""
+    console.print(message, markup=False, emoji=False, highlight=False, soft_wrap=True)
+
+
+def error_line(message: str) -> None:
+    err_console.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True, emoji=False)
+
+
+def fault(e: BaseException) -> str | None:
+    """The one-line message of a machine fault (disk full, read-only, permission), or None for anything else."""
+    code = getattr(e, "errno", None)
+    if code not in FAULTS:
+        code = next((c for text, c in FAULT_TEXTS.items() if text in str(e)), None)
+    if code is None:
+        return None
+    where = getattr(e, "filename", None)
+    return f"{where}: {FAULTS[code]}" if where else f"{FAULTS[code]} ({first_line(e)})"
+
+
 def user_errors(fn):
-    """Turn a UserError into one line on stderr and exit code 2."""
+    """Turn a UserError, or a fault of the machine, into one line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
+            error_line(str(e))
             raise typer.Exit(e.exit_code) from None
+        except Exception as e:
+            message = fault(e)
+            if message is None:
+                raise
+            error_line(message)
+            raise typer.Exit(2) from None
 
     return wrapper
 
 
-def parse_inputs(items: list[str] | None) -> dict[str, str]:
+# The input versions each command reads (`--input stage=vNNN`); a pin of anything else is a mistake.
+READS = {
+    "sample": ("prompts",),
+    "score": ("samples", "prompts"),
+    "build": ("prompts", "samples", "scores"),
+    "sft": ("datasets",),
+    "dpo": ("datasets", "sft"),
+    "eval": ("sft", "dpo"),
+}
+
+
+def parse_inputs(items: list[str] | None, verb: str) -> dict[str, str]:
     pinned = {}
     for item in items or []:
         stage, sep, version = item.partition("=")
         if not sep or not stage or not version:
             raise UserError(f"--input {item!r}: expected stage=vNNN")
+        if verb in READS and stage.strip() not in READS[verb]:  # `report` checks its own pins
+            only = "only " if len(READS[verb]) == 1 else ""
+            raise UserError(f"--input {stage.strip()}=...: {verb} reads {only}{', '.join(READS[verb])}")
         pinned[stage.strip()] = version.strip()
     return pinned
 
@@ -82,11 +143,11 @@ def stage_progress(verb: str) -> Iterator[Any]:
     if verb not in ("prompts", "sample", "score", "build"):
         yield None
         return
-    columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}")]
+    columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}", markup=False)]  # source names as is
     if verb != "prompts":
         columns += [BarColumn(), MofNCompleteColumn()]
     if verb == "sample":
-        columns.append(TextColumn("{task.fields[rate]}"))
+        columns.append(TextColumn("{task.fields[rate]}", markup=False))
     with Progress(*columns, TimeElapsedColumn(), console=console, transient=verb in ("prompts", "build")) as bar:
         tasks: dict[str, Any] = {}
 
@@ -125,14 +186,14 @@ def prompts(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> 
 
     cfg = _load(config, set_)
     with stage_progress("prompts") as progress:
-        version = run_prompts(cfg, _store(cfg), force=force, log=console.print, progress=progress)
+        version = run_prompts(cfg, _store(cfg), force=force, log=say, progress=progress)
     by_domain = version.manifest["counts"].get("by_domain", {})
     for domain, splits in by_domain.items():
-        console.print(f"  {domain}: " + ", ".join(f"{k}={v}" for k, v in sorted(splits.items())))
+        say(f"  {domain}: " + ", ".join(f"{k}={v}" for k, v in sorted(splits.items())))
     for source, counts in version.manifest["counts"].get("by_source", {}).items():
-        console.print(f"  {source}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        say(f"  {source}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     for source, strata in version.manifest["counts"].get("strata", {}).items():
-        console.print(
+        say(
             f"  {source} kept/available per stratum: "
             + ", ".join(f"{k}={v['kept']}/{v['available']}" for k, v in strata.items())
         )
@@ -141,12 +202,44 @@ def prompts(config: ConfigOpt, set_: SetOpt = None, force: ForceOpt = False) -> 
 @app.command()
 @user_errors
 def status(config: ConfigOpt, set_: SetOpt = None) -> None:
-    """Show every stage's versions: counts, creation time, inputs (lineage), complete or partial."""
+    """Show every stage's versions: counts, creation time, inputs (lineage); broken ones; and the partial folders,
+    how far each is and whether a live job works in it (else: abandoned, see `fusechat clean`)."""
     from fusechat.config import load_config
     from fusechat.status import status_table
 
     cfg = load_config(config, set_, check_trl=False)
     console.print(status_table(_store(cfg)))
+
+
+@app.command()
+@user_errors
+def clean(
+    config: ConfigOpt,
+    stage: Annotated[
+        list[str] | None, typer.Option("--stage", help="Only this stage's folders (prompts, samples, ...; repeatable).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Remove the partial folders and unfinished samples parts of interrupted runs that no live job works in
+    (their finished chunks and checkpoints are lost: a re-run starts them over). Complete versions and complete
+    parts are never touched."""
+    from fusechat.config import load_config
+    from fusechat.status import clean as clean_partials
+    from fusechat.status import human_bytes
+    from fusechat.store import STAGES
+
+    cfg = load_config(config, set_, check_trl=False)
+    unknown = [s for s in stage or [] if s not in STAGES]
+    if unknown:
+        raise UserError(f"--stage {unknown[0]}: expected one of {', '.join(STAGES)}")
+    store = _store(cfg)
+    removed = clean_partials(store, stage or None, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for _, path, size in removed:
+        say(f"{verb}: {path.relative_to(store.root).as_posix()} ({human_bytes(size)})")
+    total = human_bytes(sum(size for *_, size in removed))
+    say(f"{verb} {len(removed)} abandoned partial folder(s), {total}" if removed else "nothing to clean")
 
 
 @app.command()
@@ -157,7 +250,7 @@ def sft(config: ConfigOpt, input_: InputOpt = None, set_: SetOpt = None, force: 
     from fusechat.train.sft import run_sft
 
     cfg = _load(config, set_)
-    _show_training(run_sft(cfg, _store(cfg), pinned=parse_inputs(input_), force=force, log=console.print))
+    _show_training(run_sft(cfg, _store(cfg), pinned=parse_inputs(input_, "sft"), force=force, log=say))
 
 
 @app.command()
@@ -167,7 +260,7 @@ def dpo(config: ConfigOpt, input_: InputOpt = None, set_: SetOpt = None, force: 
     from fusechat.train.dpo import run_dpo
 
     cfg = _load(config, set_)
-    _show_training(run_dpo(cfg, _store(cfg), pinned=parse_inputs(input_), force=force, log=console.print))
+    _show_training(run_dpo(cfg, _store(cfg), pinned=parse_inputs(input_, "dpo"), force=force, log=say))
 
 
 def _show_training(version) -> None:
@@ -176,7 +269,7 @@ def _show_training(version) -> None:
     train = version.manifest.get("train", {})
     shown = ("world_size", "effective_batch", "global_step", "final_loss", "mean_loss", "reward_accuracy")
     shown += ("reward_margin", "tokens_per_s")
-    console.print(
+    say(
         "  "
         + ", ".join(
             f"{k}={train[k]:.4g}" if isinstance(train[k], float) else f"{k}={train[k]}"
@@ -184,10 +277,10 @@ def _show_training(version) -> None:
             if train.get(k) is not None
         )
     )
-    console.print(f"  model: {version.path / 'model'}")
+    say(f"  model: {version.path / 'model'}")
     kept = version.manifest.get("checkpoints")
     if kept:
-        console.print(f"  checkpoints: {', '.join(kept)} (fusechat eval --model {version.ref}@{kept[-1]})")
+        say(f"  checkpoints: {', '.join(kept)} (fusechat eval --model {version.ref}@{kept[-1]})")
 
 
 @app.command()
@@ -213,11 +306,11 @@ def sample(
         version = run_sample(
             cfg,
             _store(cfg),
-            pinned=parse_inputs(input_),
+            pinned=parse_inputs(input_, "sample"),
             force=force,
             source=source,
             shard=spec,
-            log=console.print,
+            log=say,
             progress=progress,
         )
     if version is not None:
@@ -225,7 +318,7 @@ def sample(
         timings = version.manifest["timings"].get("by_source", {})
         for name, c in counts.get("by_source", {}).items():
             rate = timings.get(name, {}).get("tokens_per_s", 0)
-            console.print(
+            say(
                 f"  {name}: prompts={c.get('prompts', 0)} samples={c.get('samples', 0)} "
                 f"tokens={c.get('tokens', 0)} skipped_too_long={c.get('skipped_too_long', 0)} "
                 f"identical_prompts={c.get('identical_prompts', 0)} tok/s={rate:,.0f}"
@@ -251,15 +344,21 @@ def score(
     cfg = _load(config, set_)
     with stage_progress("score") as progress:
         version = run_score(
-            cfg, _store(cfg), pinned=parse_inputs(input_), force=force, shard=spec, log=console.print, progress=progress
+            cfg,
+            _store(cfg),
+            pinned=parse_inputs(input_, "score"),
+            force=force,
+            shard=spec,
+            log=say,
+            progress=progress,
         )
     if version is not None:
         counts, timings = version.manifest["counts"], version.manifest["timings"].get("scorers", {})
-        console.print(f"  responses={counts.get('responses', 0)} truncated={counts.get('truncated', 0)}")
+        say(f"  responses={counts.get('responses', 0)} truncated={counts.get('truncated', 0)}")
         for verdict, n in counts.get("by_verdict", {}).items():
-            console.print(f"  {verdict}: {n}", emoji=False, markup=False)  # "reward:ok:" is no emoji
+            say(f"  {verdict}: {n}")  # plain: "reward:ok:" is no emoji
         for name, t in timings.items():
-            console.print(f"  {name}: {t['responses']} responses, {t['responses_per_s']} responses/s")
+            say(f"  {name}: {t['responses']} responses, {t['responses_per_s']} responses/s")
 
 
 @app.command()
@@ -275,12 +374,12 @@ def build(config: ConfigOpt, input_: InputOpt = None, set_: SetOpt = None, force
     cfg = _load(config, set_)
     with stage_progress("build") as progress:
         version = run_build(
-            cfg, _store(cfg), pinned=parse_inputs(input_), force=force, log=console.print, progress=progress
+            cfg, _store(cfg), pinned=parse_inputs(input_, "build"), force=force, log=say, progress=progress
         )
     stats = json.loads((version.path / "stats.json").read_text())
     for table in stats_tables(stats):
         console.print(table)
-    console.print(f"  sft: {version.path / 'sft'}  dpo: {version.path / 'dpo'}")
+    say(f"  sft: {version.path / 'sft'}  dpo: {version.path / 'dpo'}")
 
 
 @app.command("eval")
@@ -323,23 +422,23 @@ def eval_(
         cfg,
         store,
         model=model[0] if model else None,
-        pinned=parse_inputs(input_),
+        pinned=parse_inputs(input_, "eval"),
         force=force,
         judge=not no_judge,
-        log=console.print,
+        log=say,
     )
     counts = version.manifest["counts"]
     title = f"{counts['model']} ({version.ref})"
     console.print(comparison_table(comparison([(counts["model"], scores_of(version))]), title))
     for name, info in counts.get("judged", {}).items():
-        console.print(f"  {name} answers: {version.path / info['file']}")
+        say(f"  {name} answers: {version.path / info['file']}")
 
 
 def comparison_table(table, title: str) -> Table:
     """A comparison (benchmarks as rows, models as columns, deltas) as a rich table."""
-    out = Table(title=title)
+    out = Table(title=escape(title))
     for i, name in enumerate(table["header"]):
-        out.add_column(name, justify="left" if i == 0 else "right")
+        out.add_column(escape(str(name)), justify="left" if i == 0 else "right")
 
     def cell(value, delta: bool) -> str:
         if value is None:
@@ -348,7 +447,7 @@ def comparison_table(table, title: str) -> Table:
 
     rows = table["rows"] + ([table["average"]] if table["average"] else [])
     for r, row in enumerate(rows):
-        cells = [cell(v, i > table["models"]) for i, v in enumerate(row)]
+        cells = [escape(cell(v, i > table["models"])) for i, v in enumerate(row)]  # labels may hold [...]
         if r == len(table["rows"]):
             cells = [f"[bold]{c}[/bold]" for c in cells]
         out.add_row(*cells)
@@ -369,17 +468,17 @@ def run(
     from fusechat.pipeline import run_pipeline
 
     cfg = _load(config, set_)
-    versions = run_pipeline(cfg, _store(cfg), until=until, log=console.print, progress_for=stage_progress)
-    console.print("done: " + ", ".join(v.ref for v in versions.values()))
+    versions = run_pipeline(cfg, _store(cfg), until=until, log=say, progress_for=stage_progress)
+    say("done: " + ", ".join(v.ref for v in versions.values()))
     evals = {k.removeprefix("eval:"): v for k, v in versions.items() if k.startswith("eval:")}
     if evals:
         table = comparison(fusion_columns(evals), deltas=True)
         console.print(comparison_table(table, f"{cfg.name}: the target before and after fusion"))
     from fusechat.report import report_after_run
 
-    path = report_after_run(_store(cfg), console.print)
+    path = report_after_run(_store(cfg), say)
     if path is not None:
-        console.print(f"report: {path} (open it in a browser)")
+        say(f"report: {path} (open it in a browser)")
 
 
 @app.command()
@@ -399,7 +498,7 @@ def report(
     from fusechat.report import write_report
 
     cfg = load_config(config, set_, check_trl=False)
-    console.print(f"report: {write_report(_store(cfg), pinned=parse_inputs(input_), out=output)}")
+    say(f"report: {write_report(_store(cfg), pinned=parse_inputs(input_, 'report'), out=output)}")
 
 
 @app.command()
@@ -416,11 +515,11 @@ def demo(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the demo's tiny engines start three times
-    result = run_demo(seed=seed, small=small, overrides=set_ or [], log=console.print, progress_for=stage_progress)
+    result = run_demo(seed=seed, small=small, overrides=set_ or [], log=say, progress_for=stage_progress)
     console.print(results_table(result))
-    console.print("(also written to runs/demo/results.md)")
+    say("(also written to runs/demo/results.md)")
     if result.get("report"):
-        console.print(f"report: {result['report']} (open it in a browser)")
+        say(f"report: {result['report']} (open it in a browser)")
 
 
 def results_table(result) -> Table:
@@ -444,7 +543,7 @@ def results_table(result) -> Table:
 
 
 # `fusechat --help` lists the commands in pipeline order, whatever order they are defined in.
-_ORDER = ["prompts", "sample", "score", "build", "sft", "dpo", "eval", "run", "status", "report", "demo"]
+_ORDER = ["prompts", "sample", "score", "build", "sft", "dpo", "eval", "run", "status", "clean", "report", "demo"]
 app.registered_commands.sort(key=lambda c: _ORDER.index(c.name or c.callback.__name__))
 
 

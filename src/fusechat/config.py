@@ -1,8 +1,9 @@
 """The YAML config: one pydantic schema for the whole file, `--set` overrides, one-line errors.
 
-Every section forbids unknown keys. `sft:` and `dpo:` hold fusechat's own training keys (lora, launch) plus any
-field of TRL's `SFTConfig` / `DPOConfig`; those are checked against TRL's dataclass fields so that a typo fails
-before a model loads.
+Every section forbids unknown keys, and a key written twice in one mapping is an error. `sft:` and `dpo:` hold
+fusechat's own training keys (lora, launch) plus any field of TRL's `SFTConfig` / `DPOConfig`; those are checked
+against TRL's dataclass fields, their types and the ranges TRL and transformers need, so that a typo or a bad
+value fails before a model loads.
 """
 
 from __future__ import annotations
@@ -11,10 +12,18 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fusechat.errors import UserError
 
@@ -78,6 +87,21 @@ class PromptSource(Section):
     exclude_topics: list[Literal["code", "math"]] = []  # drop prompts fusechat.topics' rule puts in these topics
     max_responses: int = Field(default=8, ge=1)  # fields.response: answers kept per prompt
 
+    @field_validator("stratify")
+    @classmethod
+    def _stratify_a_limit(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and (not v.strip() or info.data.get("limit") is None):
+            raise ValueError("splits a `limit` by this column: set limit, and a column name")
+        return v
+
+    @field_validator("max_responses")
+    @classmethod
+    def _responses_mapped(cls, v: int, info: ValidationInfo) -> int:
+        fields = info.data.get("fields")
+        if fields is not None and fields.response is None and v != cls.model_fields["max_responses"].default:
+            raise ValueError("counts the answers of fields.response, which is not set")
+        return v
+
     @model_validator(mode="after")
     def _one_source_of_tests(self) -> PromptSource:
         if self.code_tests is not None and self.fields.tests is not None:
@@ -116,12 +140,12 @@ class PromptsConfig(Section):
 
 # --------------------------------------------------------------------------------------------- sources
 class SamplingParams(Section):
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = -1
-    repetition_penalty: float = 1.0
-    max_tokens: int = 4096
-    seed: int | None = None  # default: the config's seed
+    temperature: float = Field(default=0.8, ge=0.0)  # 0: greedy (k identical samples)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1)  # -1 (or 0): no top-k cut
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    max_tokens: int = Field(default=4096, ge=1)
+    seed: int | None = Field(default=None, ge=0)  # default: the config's seed
 
 
 class SourceModel(Section):
@@ -132,7 +156,7 @@ class SourceModel(Section):
     dataset: str | None = None
     engine_args: dict[str, Any] = {}  # passed to vllm.LLM (tensor_parallel_size, max_model_len, dtype, ...)
     sampling: SamplingParams = SamplingParams()
-    samples: dict[str, int] = {}  # domain -> k; a domain not listed gets default_samples
+    samples: dict[str, Annotated[int, Field(ge=0)]] = {}  # domain -> k; a domain not listed gets default_samples
     default_samples: int = Field(default=0, ge=0)
     chat_template: str | None = None  # a .jinja file or an inline template; overrides the tokenizer's
     system_prompt: str | None = None
@@ -148,6 +172,13 @@ class SourceModel(Section):
 
     def k_for(self, domain: str) -> int:
         return self.samples.get(domain, self.default_samples)
+
+    @field_validator("engine_args", "sampling", "chat_template", "system_prompt", "system_role", "batch_size")
+    @classmethod
+    def _a_model_setting(cls, v: Any, info: ValidationInfo) -> Any:
+        if info.data.get("engine") == "dataset" and v != cls.model_fields[info.field_name].default:
+            raise ValueError("engine: dataset loads no model, so this setting does nothing; remove it")
+        return v
 
     @model_validator(mode="after")
     def _model_or_dataset(self) -> SourceModel:
@@ -206,12 +237,27 @@ class BuildConfig(Section):
     verified_domains: dict[str, Literal["math", "code", "exact"]] = {}  # domain -> which verdict gates acceptance
     drop_truncated: bool = True
     drop_empty: bool = True
-    max_length: int | None = 2048  # prompt + response tokens of the target tokenizer
+    max_length: int | None = Field(default=2048, ge=1)  # prompt + response tokens of the target tokenizer
     # a candidate over max_length: exclude (the next-best acceptable response wins) or truncate (it competes whole
     # and is cut to fit when selected, as the paper's trainer did)
     over_length: Literal["exclude", "truncate"] = "exclude"
     pairs_per_prompt: int = Field(default=1, ge=1)
+
+    @field_validator("over_length")
+    @classmethod
+    def _a_length_to_cut_to(cls, v: str, info: ValidationInfo) -> str:
+        if v == "truncate" and "max_length" in info.data and info.data["max_length"] is None:
+            raise ValueError("truncate cuts to build.max_length, which is null (no length filter)")
+        return v
+
     pair_source_rule: Literal["largest_margin", "highest_chosen", "random"] = "largest_margin"
+
+    @field_validator("margin")
+    @classmethod
+    def _band(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1]:
+            raise ValueError("expected [low, high] with 0 <= low <= high")
+        return v
 
 
 # --------------------------------------------------------------------------------------------- target / train
@@ -221,9 +267,9 @@ class TargetConfig(Section):
 
 
 class LoraConfig(Section):
-    r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    r: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     merge: bool = True  # merge into the base weights when saving; False keeps an adapter
 
@@ -316,7 +362,7 @@ class EvalConfig(Section):
 class FusechatConfig(Section):
     name: str
     workdir: str = "runs"
-    seed: int = 42
+    seed: int = Field(default=42, ge=0)
     prompts: PromptsConfig
     sources: list[SourceModel] = []
     score: ScoreConfig = ScoreConfig()
@@ -339,12 +385,18 @@ class FusechatConfig(Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate source name(s): {', '.join(dup)}")
-        answered = [p.name for p in self.prompts.sources if p.fields.response]
+        answered = {p.name: p for p in self.prompts.sources if p.fields.response}
         for i, s in enumerate(self.sources):
             if s.dataset is not None and s.dataset not in answered:
                 raise ValueError(
                     f"sources[{i}].dataset: {s.dataset!r} is not a prompt source with fields.response "
                     f"({', '.join(answered) or 'none has one'})"
+                )
+            if s.dataset is not None and s.k_for(answered[s.dataset].domain) == 0:
+                domain = answered[s.dataset].domain
+                raise ValueError(
+                    f"sources[{i}].samples: 0 for domain {domain!r}, the domain of prompt source {s.dataset!r}: "
+                    f"{s.name} would take none of its answers"
                 )
         return self
 
@@ -362,6 +414,28 @@ _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
     list("-+0123456789."),
+)
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, mark: Any):
+        self.problem = f"key {key!r} appears twice in one mapping (the second would silently win)"
+        self.problem_mark = mark
+
+
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, str | int | float | bool) and key in seen:
+            raise DuplicateKey(key, key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    lambda loader, node: _mapping_without_duplicates(loader, node, deep=True),
 )
 
 
@@ -450,7 +524,9 @@ def describe_validation_error(e: ValidationError, data: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"{where}: required key missing"
     msg = err["msg"].removeprefix("Value error, ")
-    if "input" in err and err["type"] not in ("model_type",):
+    if not loc:  # a check across sections names its keys itself
+        return msg
+    if "input" in err and err["type"] not in ("model_type",) and not isinstance(err["input"], dict):
         return f"{where}: {msg} (got {json.dumps(err['input'], default=str)[:80]})"
     return f"{where}: {msg}"
 
@@ -481,37 +557,101 @@ def _model_in(annotation: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- TRL keys
-def trl_fields(section: str) -> set[str]:
-    """Field names of TRL's SFTConfig / DPOConfig. Importing TRL costs seconds, so the names are cached per
-    installed (trl, transformers) version."""
+def trl_fields(section: str) -> dict[str, list[str]]:
+    """Field names of TRL's SFTConfig / DPOConfig, each with the kinds of YAML value its type accepts (`bool`,
+    `int`, `float`, `str`, `list`, `dict`, `null`; `any` when it cannot be told). Importing TRL costs seconds, so
+    they are cached per installed (trl, transformers) version."""
     from importlib.metadata import version
 
-    key = f"trl-{version('trl')}-transformers-{version('transformers')}"
+    key = f"trl-{version('trl')}-transformers-{version('transformers')}-kinds"
     cache = Path.home() / ".cache" / "fusechat" / f"{key}.json"
     try:
-        return set(json.loads(cache.read_text())[section])
-    except (OSError, ValueError, KeyError):
+        return dict(json.loads(cache.read_text())[section])
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     import dataclasses
+    import typing
 
     from trl import DPOConfig, SFTConfig
 
-    names = {
-        "sft": sorted(f.name for f in dataclasses.fields(SFTConfig)),
-        "dpo": sorted(f.name for f in dataclasses.fields(DPOConfig)),
-    }
+    fields = {}
+    for name, cls in (("sft", SFTConfig), ("dpo", DPOConfig)):
+        hints = typing.get_type_hints(cls)
+        fields[name] = {f.name: sorted(_kinds(hints.get(f.name, Any))) for f in dataclasses.fields(cls)}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{id(names)}")
-        tmp.write_text(json.dumps(names))
+        tmp = cache.with_suffix(f".tmp{id(fields)}")
+        tmp.write_text(json.dumps(fields))
         tmp.replace(cache)
     except OSError:
         pass
-    return set(names[section])
+    return fields[section]
+
+
+def _kinds(annotation: Any) -> set[str]:
+    """The YAML value kinds a dataclass field's type accepts (an enum takes its string values)."""
+    import enum
+    import typing
+
+    if annotation is type(None) or annotation is None:
+        return {"null"}
+    if annotation in (bool, int, float, str):
+        return {annotation.__name__}
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, set):
+        return {"list"}
+    if origin is dict or annotation is dict:
+        return {"dict"}
+    if annotation is list:
+        return {"list"}
+    if origin is typing.Literal:
+        return {type(a).__name__ if a is not None else "null" for a in typing.get_args(annotation)}
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return {"str"}
+    args = typing.get_args(annotation)
+    if args and origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return set().union(*(_kinds(a) for a in args))
+    return {"any"}
 
 
 # Set by fusechat itself per stage (output dir, hardware); a user value would be overwritten silently.
 MANAGED_TRL_KEYS = {"output_dir"}
+# Ranges TRL and transformers need but do not check (or check only once training has started): (low, high,
+# whether low is allowed). `max_steps` is -1 (train by epochs) or a step count.
+TRL_RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "learning_rate": (0, None, True),
+    "num_train_epochs": (0, None, False),
+    "per_device_train_batch_size": (1, None, True),
+    "per_device_eval_batch_size": (1, None, True),
+    "gradient_accumulation_steps": (1, None, True),
+    "warmup_ratio": (0, 1, True),
+    "warmup_steps": (0, None, True),
+    "weight_decay": (0, None, True),
+    "max_grad_norm": (0, None, True),
+    "adam_beta1": (0, 1, True),
+    "adam_beta2": (0, 1, True),
+    "adam_epsilon": (0, None, False),
+    "logging_steps": (0, None, False),
+    "save_steps": (0, None, False),
+    "eval_steps": (0, None, False),
+    "save_total_limit": (1, None, True),
+    "seed": (0, None, True),
+    "dataloader_num_workers": (0, None, True),
+    "max_length": (1, None, True),
+    "beta": (0, None, False),
+    "label_smoothing": (0, 0.5, True),
+}
+# Fields TRL also accepts in a form their type does not say (DPO wraps a single loss type in a list).
+EXTRA_KINDS = {"loss_type": {"str"}}
+KIND_NAMES = {
+    "bool": "true/false",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+    "null": "null",
+}
 
 
 def check_trl_keys(section: str, args: dict[str, Any]) -> str | None:
@@ -519,13 +659,41 @@ def check_trl_keys(section: str, args: dict[str, Any]) -> str | None:
         return None
     fields = trl_fields(section)
     own = set(TrainConfig.model_fields)
-    for key in args:
+    for key, value in args.items():
         if key in MANAGED_TRL_KEYS:
             return f"{section}.{key}: set by fusechat (the stage's version directory); remove it"
         if key not in fields:
-            hint = difflib.get_close_matches(key, sorted(fields | own), n=1)
+            hint = difflib.get_close_matches(key, sorted(set(fields) | own), n=1)
             kind = "SFTConfig" if section == "sft" else "DPOConfig"
             return f"{section}.{key}: unknown key (not a field of TRL's {kind})" + (
                 f"; did you mean {hint[0]}?" if hint else ""
             )
+        if value is False and key.endswith("_strategy"):
+            continue  # YAML 1.1 reads an unquoted `no` as false; the training stage passes "no" to TRL
+        problem = _value_problem(key, value, set(fields[key]) | EXTRA_KINDS.get(key, set()))
+        if problem:
+            return f"{section}.{key}: {problem} (got {json.dumps(value, default=str)[:60]})"
+    return None
+
+
+def _value_problem(key: str, value: Any, kinds: set[str]) -> str | None:
+    """What is wrong with a TRL value: its kind (a learning rate `abc`), or its range (`max_steps: -5`)."""
+    if "any" in kinds:
+        return None
+    kind = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "dict"}.get(type(value))
+    if value is None:
+        kind = "null"
+    ok = kind in kinds or (kind == "int" and "float" in kinds)
+    if not ok:
+        wanted = [KIND_NAMES[k] for k in ("bool", "int", "float", "str", "list", "dict", "null") if k in kinds]
+        return "expected " + " or ".join(wanted)
+    if kind not in ("int", "float"):
+        return None
+    if key == "max_steps" and not (value == -1 or value >= 1):
+        return "expected -1 (train by num_train_epochs) or a number of steps >= 1"
+    if key in TRL_RANGES:
+        low, high, inclusive = TRL_RANGES[key]
+        if value < low or (value == low and not inclusive) or (high is not None and value > high):
+            op = ">=" if inclusive else ">"
+            return f"expected {op} {low}" + (f" and <= {high}" if high is not None else "")
     return None

@@ -214,8 +214,9 @@ def iter_records(source: PromptSource, where: str) -> Iterator[tuple[str, dict[s
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _utf8(raw, f"{path}:{lineno}")
             if not line.strip():
                 continue
             try:
@@ -227,9 +228,16 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{path}:{lineno}", record
 
 
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
 def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_utf8(path.read_bytes(), str(path)))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -248,7 +256,14 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable Parquet file ({e})") from None
     row = 0
-    for batch in pf.iter_batches(batch_size=4096):
+    batches = pf.iter_batches(batch_size=4096)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path}: row {row}: unreadable Parquet data ({first_line(e)})") from None
+        if batch is None:
+            return
         for record in batch.to_pylist():
             yield f"{path}: row {row}", record
             row += 1
@@ -340,6 +355,9 @@ def run_prompts(
     log: Callable[[str], None] = print,
     progress: Callable[[str, int], None] | None = None,
 ) -> Version:
+    if not cfg.prompts.sources:
+        raise UserError("prompts.sources: empty; list at least one prompt dataset")
+
     def body(out: Path) -> StageResult:
         return build_prompts(cfg, out, progress=progress)
 
@@ -373,6 +391,10 @@ def build_prompts(cfg: FusechatConfig, out: Path, progress: Callable[[str, int],
                 per_source[source.name] = counts
                 group = (source.domain, cfg.prompts.ratio_for(source))
                 sampled = sample_source(cfg, i, out, counts, written, progress)
+                if not counts["read"]:
+                    raise UserError(
+                        f"prompts.sources[{i}].path: {source.path}: no records (an empty file or dataset split)"
+                    )
                 if source.stratify is not None:
                     strata[source.name] = sampled.strata
                 key_to_id: dict[str, str] = {}
@@ -420,6 +442,12 @@ def build_prompts(cfg: FusechatConfig, out: Path, progress: Callable[[str, int],
     spill_path.unlink()
 
     total = sum(sum(c.values()) for c in by_domain.values())
+    if not total:
+        drops = "; ".join(
+            f"{name}: " + ", ".join(f"{k.removeprefix('dropped_')}={v}" for k, v in c.items() if k != "read")
+            for name, c in per_source.items()
+        )
+        raise UserError(f"prompts.sources: no prompt kept from any source ({drops})")
     counts_out: dict[str, Any] = {
         "prompts": total,
         "by_domain": {d: dict(c) for d, c in sorted(by_domain.items())},

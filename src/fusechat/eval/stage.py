@@ -292,7 +292,7 @@ def run_eval(
         counts["skipped"] = found.skipped
         return StageResult(counts=counts, timings={"generate_s": round(generate_s, 3)})
 
-    version = run_stage(store, "eval", config, inputs, body, force=force, log=log)
+    version = run_stage(store, "eval", config, inputs, body, force=force, job=f"model-{label}", log=log)
     assert version is not None
     if judge and cfg.eval.judge is not None:
         from fusechat.eval.judge import run_judge

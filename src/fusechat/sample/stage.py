@@ -44,7 +44,7 @@ SAMPLES_SCHEMA = pa.schema(
         ("identical_samples", pa.bool_()),  # this source's k >= 2 samples of this prompt are all the same text
     ]
 )
-CHUNK_STATS = b"fusechat.chunk"  # Parquet metadata key: per-chunk counts and timing, summed into the manifest
+CHUNK_STATS = b"fusechat.chunk"  # Parquet metadata key: per-chunk counts, summed into the manifest
 
 Progress = Callable[[str, int, int, int, float], None]  # source, chunks done, chunks total, tokens, seconds
 
@@ -204,7 +204,7 @@ def run_sample(
     progress: Progress | None = None,
 ) -> Version | None:
     """Fill this job's chunks of the samples version; return it when complete, else None (other parts missing).
-    `force`: sample the selected sources' parts again even when complete."""
+    `force`: sample the selected sources' parts again from scratch (a part a live job fills is an error)."""
     pinned = pinned or {}
     for stage in pinned:
         if stage != "prompts":
@@ -219,6 +219,7 @@ def run_sample(
     inputs = {"prompts": prompts_version}
     fp = fingerprint("samples", config, inputs)
     if not force and (cached := store.find("samples", fp)) is not None:
+        store.check(cached)
         log(f"cached: {cached.ref}")
         return cached
 
@@ -235,15 +236,14 @@ def run_sample(
         plan = plan_chunks(s, domains, answerable)
         parts[s.name] = open_part(store, s, part_fingerprint(s, cfg.seed, prompts_version), plan)
     chosen = [(i, s) for i, s in enumerate(cfg.sources) if source in (None, s.name) and parts[s.name].plan]
-    if force:
-        for _, s in chosen:
-            if parts[s.name].complete():
-                parts[s.name].reset()
-    for s in cfg.sources:
-        part = parts[s.name]
-        if part.plan and part.complete():
-            log(f"{s.name}: cached ({part.ref}, {len(part.plan)} chunks)")
-    selected = [(i, s) for i, s in chosen if not parts[s.name].complete()]
+    if not chosen:
+        raise UserError(nothing_to_sample(domains, source))
+    for part in parts.values():  # a chunk damaged since it was written (power loss, full disk) is redone
+        if part.done():
+            part.chunks.drop_broken(part.done(), chunk_check(part.plan), log)
+    # --force starts the chosen parts over (forced shard jobs of one redo keep what their sibling jobs wrote)
+    redo = [s.name for _, s in chosen if force and (shard.count == 1 or parts[s.name].complete())]
+    selected = [(i, s) for i, s in chosen if s.name in redo or not parts[s.name].complete()]
     prepared = {
         s.name: prepare(s, f"sources[{i}]", probe_prompt(prompts, parts[s.name].plan))
         for i, s in selected
@@ -251,6 +251,12 @@ def run_sample(
     }
 
     def body(partial: Path) -> StageResult:
+        for name in redo:  # under the job lock: never the part another run of this job is filling
+            parts[name].reset(store, log)
+        for s in cfg.sources:
+            part = parts[s.name]
+            if part.plan and part.complete():
+                log(f"{s.name}: cached ({part.ref}, {len(part.plan)} chunks)")
         version_dir = ChunkDir(partial)
 
         def report(name: str, done: int, total: int, tokens: int, seconds: float) -> None:
@@ -267,15 +273,21 @@ def run_sample(
             pending = [(key, rows) for key, rows in todo if not part.chunks.done(key)]
             if not pending:
                 continue
-            if s.engine == "dataset":
-                fill_from_dataset(s, answers[s.name], prompts, pending, part, log)
-            else:
-                fill_source(prepared[s.name], cfg.seed, prompts, pending, part.chunks, len(todo), log, report)
+            with store.using(part.path):  # `clean` and a forced redo leave a part alone while a job fills it
+                if s.engine == "dataset":
+                    fill_from_dataset(s, answers[s.name], prompts, pending, part, log)
+                else:
+                    fill_source(prepared[s.name], cfg.seed, prompts, pending, part.chunks, len(todo), log, report)
             record_progress(version_dir, parts)
         return finish(store, version_dir, parts, len(prompts), log)
 
+    job = "-".join(
+        ([f"source-{source}"] if source else []) + ([f"shard-{shard.index}of{shard.count}"] if shard.count > 1 else [])
+    )
+    # The version's own folder holds only links to its parts: forcing it matters only to redo a complete version.
+    force = force and store.find("samples", fp) is not None
     try:
-        return run_stage(store, "samples", config, inputs, body, force=force, resumable=True, log=log)
+        return run_stage(store, "samples", config, inputs, body, force=force, resumable=True, job=job or None, log=log)
     except FileNotFoundError:
         # Another shard job committed the same partial version while this one was summing it up.
         done = store.find("samples", fp)
@@ -307,10 +319,10 @@ def fill_source(
         for key, rows in pending:
             if chunks.done(key):  # a concurrent job running the same shard got there first
                 continue
-            table = sample_chunk(prep, engine, base_seed, key, [prompts[r] for r in rows])
-            chunks.write(key, table)
+            table, timings = sample_chunk(prep, engine, base_seed, key, [prompts[r] for r in rows])
+            chunks.write(key, table, timings)
             stats = json.loads(table.schema.metadata[CHUNK_STATS])
-            done, tokens, seconds = done + 1, tokens + stats["tokens"], seconds + stats["generate_s"]
+            done, tokens, seconds = done + 1, tokens + stats["tokens"], seconds + timings["generate_s"]
             if progress:
                 progress(s.name, done, owned, tokens, seconds)
     finally:
@@ -318,8 +330,11 @@ def fill_source(
     log(f"{s.name}: {tokens:,} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s)")
 
 
-def sample_chunk(prep: Prepared, engine, seed: int, key: str, prompts: list[dict[str, Any]]) -> pa.Table:
-    """Render, skip prompts that fill the context, generate per k (k depends on the domain), decode."""
+def sample_chunk(
+    prep: Prepared, engine, seed: int, key: str, prompts: list[dict[str, Any]]
+) -> tuple[pa.Table, dict[str, float]]:
+    """Render, skip prompts that fill the context, generate per k (k depends on the domain), decode. The counts
+    go in the table's metadata, the timings beside it (data files hold nothing that differs between runs)."""
     s = prep.source
     chunk_started = time.perf_counter()
     ids = [prep.render(p) for p in prompts]
@@ -338,11 +353,11 @@ def sample_chunk(prep: Prepared, engine, seed: int, key: str, prompts: list[dict
         return prep.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     rows = [r for j in fits for r in completion_rows(prompts[j]["prompt_id"], s.name, completions[j], decode)]
-    stats = {"skipped_too_long": len(prompts) - len(fits), "generate_s": round(elapsed, 4)}
-    return chunk_table(rows, stats, chunk_started)
+    table = chunk_table(rows, {"skipped_too_long": len(prompts) - len(fits)})
+    return table, {"generate_s": round(elapsed, 4), "wall_s": round(time.perf_counter() - chunk_started, 4)}
 
 
-def chunk_table(rows: list[dict[str, Any]], stats: dict[str, Any], started: float) -> pa.Table:
+def chunk_table(rows: list[dict[str, Any]], stats: dict[str, Any]) -> pa.Table:
     """A chunk's rows, with its counts in the file's metadata (summed per source into the manifest)."""
     stats = {
         "prompts": len({r["prompt_id"] for r in rows}),
@@ -351,10 +366,39 @@ def chunk_table(rows: list[dict[str, Any]], stats: dict[str, Any], started: floa
         "tokens": sum(r["num_tokens"] or 0 for r in rows),
         "finish_length": sum(r["finish_reason"] == "length" for r in rows),
         "identical_prompts": len({r["prompt_id"] for r in rows if r["identical_samples"]}),
-        "wall_s": round(time.perf_counter() - started, 4),
     }
     table = pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
     return table.replace_schema_metadata({CHUNK_STATS: json.dumps(stats)})
+
+
+def chunk_check(plan: list[tuple[str, list[int]]]) -> Callable[[str, Any], str | None]:
+    """What a finished chunk file of this source must hold: its counts, for as many prompts as the chunk has."""
+    sizes = {key: len(rows) for key, rows in plan}
+
+    def problem(key: str, meta) -> str | None:
+        try:
+            stats = json.loads((meta.metadata or {})[CHUNK_STATS])
+        except (KeyError, ValueError):
+            return "no chunk counts in its metadata"
+        n_prompts = stats.get("prompts", 0) + stats.get("skipped_too_long", 0)
+        if n_prompts != sizes[key]:
+            return f"counts for {n_prompts} prompts, expected {sizes[key]}"
+        if meta.num_rows != stats.get("samples"):
+            return f"{meta.num_rows} rows, expected {stats.get('samples')}"
+        return None
+
+    return problem
+
+
+def nothing_to_sample(domains: list[str], source: str | None) -> str:
+    """The one-line error when no selected source answers any prompt (every k is 0 for the domains present)."""
+    if not domains:
+        return "the prompts version holds no prompts"
+    who = f"--source {source}: it answers no prompt" if source else "sources: no source answers any prompt"
+    return (
+        f"{who} (samples per domain are 0 for every domain present: {', '.join(sorted(set(domains)))}); "
+        "set sources[].samples or sources[].default_samples"
+    )
 
 
 def fill_from_dataset(
@@ -368,8 +412,11 @@ def fill_from_dataset(
     """A dataset source's chunks: the answers its prompt source kept, no model loaded."""
     log(f"{source.name}: answers of prompt source {source.dataset!r}; {len(pending)} chunks to do")
     for key, rows in pending:
+        if part.chunks.done(key):  # a concurrent job running the same shard got there first
+            continue
         started = time.perf_counter()
-        part.chunks.write(key, chunk_table(dataset_rows(source, [prompts[r] for r in rows], answers), {}, started))
+        table = chunk_table(dataset_rows(source, [prompts[r] for r in rows], answers), {})
+        part.chunks.write(key, table, {"wall_s": round(time.perf_counter() - started, 4)})
 
 
 def record_progress(version_dir: ChunkDir, parts: dict[str, Part]) -> dict[str, str]:
@@ -403,8 +450,10 @@ def finish(
     timings: dict[str, dict[str, float]] = {}
     for name, part in parts.items():
         sums: dict[str, float] = {}
-        for f in part.files():
-            for stat, value in json.loads(pq.read_schema(f).metadata[CHUNK_STATS]).items():
+        chunks = part.chunks
+        for key, f in zip(part.keys(), part.files(), strict=True):
+            stats = json.loads(pq.read_schema(f).metadata[CHUNK_STATS])
+            for stat, value in {**stats, **chunks.timings(key)}.items():
                 sums[stat] = sums.get(stat, 0) + value
         gen_s, wall_s = sums.pop("generate_s", 0.0), sums.pop("wall_s", 0.0)
         by_source[name] = {k: int(v) for k, v in sums.items()}

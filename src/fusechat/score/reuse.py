@@ -6,7 +6,9 @@ per file (`shard_size` rows at a time) and each score chunk is named after what 
 the samples file, the range (`<part>-<file>-<n>`). A scores version made with the same scoring settings (the stage's
 config: reward model identity, routes, verifiers, shard size) that already holds a chunk of that name scored exactly
 those rows of those prompts (the part's fingerprint covers the prompts version), so the chunk is hard-linked instead
-of scored. Samples versions without parts (made by hand) are cut in row ranges of the whole version, as before.
+of scored, once it matches its version's manifest (size and rows: a damaged one is scored again); like any chunk
+found done, it is then checked for the rows of its range (`score_chunks`). Samples versions without parts (made by
+hand) are cut in row ranges of the whole version, as before.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fusechat.shards import ChunkDir, chunk_ranges
-from fusechat.store import RunStore, Version
+from fusechat.store import RunStore, Version, file_problem
 
 
 def chunk_plan(samples: Version, files: list, starts: list[int], total: int, shard_size: int):
@@ -54,7 +56,10 @@ def reuse_scored(store: RunStore, config: Any, keys: list[str], chunks: ChunkDir
             continue
         for v in reversed(donors):
             f = v.data / f"{key}.parquet"
-            if f.exists():
+            files = v.manifest.get("files")  # None: a version made before manifests listed files
+            if f.exists() and (
+                files is None or file_problem(f, files.get(f"data/{key}.parquet", {"bytes": -1})) is None
+            ):
                 found.append(f)
                 origin.add(v.ref)
                 break

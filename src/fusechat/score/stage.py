@@ -53,8 +53,6 @@ SCORES_SCHEMA = pa.schema(
     ]
 )
 SAMPLE_COLUMNS = ["prompt_id", "source", "sample_index", "text"]
-TIMINGS_KEY = b"fusechat.scorer_timings"
-WORKER_KEY = b"fusechat.worker"  # which process scored a chunk: host, pid, device
 MATH_OK = {"correct": True, "wrong": False, "no_answer": False, "timeout": False}
 # The other code verdicts (no_tests, bad_tests, error) decide nothing: `correct` stays null.
 CODE_OK = {"pass": True, "fail": False, "timeout": False, "syntax_error": False, "undefined_name": False}
@@ -310,6 +308,8 @@ def run_score(
     samples = store.resolve("samples", pinned.get("samples"))
     prompts = store.resolve("prompts", samples.manifest.get("inputs", {}).get("prompts") or pinned.get("prompts"))
     sample_rows = SampleRows(samples)
+    if sample_rows.total == 0:
+        raise UserError(f"{samples.path}: {samples.ref} holds no samples to score")
     index = PromptIndex(prompts)
     index.check_references(cfg.score)
     domains = set(index.table.column("domain").to_pylist())
@@ -346,6 +346,7 @@ def run_score(
         body,
         force=force,
         resumable=True,
+        job=f"shard-{shard.index}of{shard.count}" if shard.count > 1 else None,
         log=log,
     )
 
@@ -363,9 +364,17 @@ def score_chunks(
     needs_reward: bool = True,
     plan: tuple[list[tuple[int, int]], list[str]] | None = None,
 ) -> StageResult:
-    """Score this shard's chunks of `plan` (row ranges and chunk keys; default: ranges of `shard_size` rows)."""
-    ranges = chunk_ranges(sample_rows.total, cfg.score.shard_size) or [(0, 0)]
+    """Score this shard's chunks of `plan` (row ranges and chunk keys; default: ranges of `shard_size` rows). A
+    chunk found done (from an earlier attempt, or linked from an earlier scores version) must hold its range's rows,
+    else it is redone."""
+    ranges = chunk_ranges(sample_rows.total, cfg.score.shard_size)
     ranges, keys = plan or (ranges, [f"chunk-{i:06d}" for i in range(len(ranges))])
+    rows_of = {key: end - start for key, (start, end) in zip(keys, ranges, strict=True)}
+    chunks.drop_broken(
+        keys,
+        lambda key, meta: None if meta.num_rows == rows_of[key] else f"{meta.num_rows} rows, expected {rows_of[key]}",
+        log,
+    )
     mine = [i for i in range(len(ranges)) if shard.owns(i)]
     todo = [i for i in mine if not chunks.done(keys[i])]
     total = sum(ranges[i][1] - ranges[i][0] for i in mine)
@@ -441,8 +450,7 @@ def score_chunk_list(
             scored, timings = score_rows(rows, cfg.score, live.for_rows(rows), log)
             table = pa.Table.from_pylist(scored, schema=SCORES_SCHEMA)
             worker = {"host": socket.gethostname(), "pid": os.getpid(), "device": device}
-            meta = {TIMINGS_KEY: json.dumps(timings), WORKER_KEY: json.dumps(worker)}
-            chunks.write(keys[i] if keys else f"chunk-{i:06d}", table.replace_schema_metadata(meta))
+            chunks.write(keys[i] if keys else f"chunk-{i:06d}", table, {"scorers": timings, "worker": worker})
             finished(i)
     finally:
         live.close()
@@ -490,11 +498,11 @@ def summarize(chunks: ChunkDir, keys: list[str]) -> StageResult:
     per_scorer: dict[str, dict[str, float]] = {}
     per_worker: Counter = Counter()
     for key in keys:
-        meta = pq.read_schema(chunks.path(key)).metadata or {}
-        if WORKER_KEY in meta:
-            w = json.loads(meta[WORKER_KEY])
+        side = chunks.timings(key)
+        if "worker" in side:
+            w = side["worker"]
             per_worker[f"{w['host']}:{w['pid']} {w['device']}"] += pq.read_metadata(chunks.path(key)).num_rows
-        for name, t in json.loads(meta.get(TIMINGS_KEY, b"{}")).items():
+        for name, t in side.get("scorers", {}).items():
             acc = per_scorer.setdefault(name, {"responses": 0, "seconds": 0.0})
             acc["responses"] += t["responses"]
             acc["seconds"] += t["seconds"]

@@ -39,6 +39,16 @@ MODEL_FILES = (
 MODEL_REF_RE = re.compile(r"^(sft|dpo)(?:/(v\d+))?(?:@step-(\d+))?$")
 
 
+def is_complete(checkpoint: Path) -> bool:
+    """Whether a Trainer checkpoint was saved whole: the Trainer writes `trainer_state.json` last, and not
+    atomically, so a run killed while saving leaves a checkpoint without it or with a truncated one."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def keep_checkpoint(checkpoint: Path, steps_dir: Path) -> Path | None:
     """`steps_dir/step-N` with the model files of Trainer checkpoint `checkpoint-N` (hard links where possible),
     the config with the KV cache on for generation. None when the checkpoint holds no weights (e.g. a DeepSpeed
@@ -86,7 +96,7 @@ def finish(output_dir: Path, keep: bool) -> list[int]:
         return []
     for checkpoint in sorted(output_dir.iterdir()):
         if CHECKPOINT_RE.match(checkpoint.name):
-            if keep and (checkpoint / "trainer_state.json").is_file():
+            if keep and is_complete(checkpoint):
                 keep_checkpoint(checkpoint, output_dir)
             shutil.rmtree(checkpoint)
     for other in output_dir.iterdir():
@@ -117,9 +127,10 @@ def resolve_model_ref(store, text: str):
             raise UserError(f"--model {text}: no complete {stage} version in {store.root}")
     else:
         name = f"v{int(name[1:]):03d}"
-        version = next((v for v in store.versions(stage) if v.name == name), None)
+        version = store.named(stage, name)
         if version is None:
             raise UserError(f"--model {text}: {store.stage_dir(stage) / name} is not a complete version")
+    store.check(version)
     if step is None:
         return version.ref, version.path / "model", version
     path = version.path / "checkpoints" / f"step-{int(step)}"

@@ -110,10 +110,22 @@ def command(job: Path, num_processes: int, config: Path | None, hw: Hardware) ->
     return argv, env
 
 
+def _die_with_parent() -> None:
+    """Linux: the launcher gets SIGTERM when fusechat dies, even by SIGKILL, and stops its workers; no orphan keeps
+    writing checkpoints into the partial version that a re-run resumes."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run(job: Path, num_processes: int, config: Path | None, hw: Hardware, log=print) -> None:
     argv, env = command(job, num_processes, config, hw)
     log("launch: " + shlex.join(argv[1:]))
-    rc = subprocess.run(argv, env=env).returncode
+    rc = subprocess.run(argv, env=env, preexec_fn=_die_with_parent).returncode
     if rc != 0:
         err = UserError(
             f"training processes exited with status {rc}; checkpoints stay in {job.parent}, "

@@ -17,9 +17,10 @@ from fusechat.errors import UserError
 from fusechat.store import RunStore, StageResult, Version, model_identity, run_stage, write_json_atomic
 from fusechat.train import checkpoints, defaults, hardware, launch, ref_logps
 
-# Files in the partial version that exist only while training; `model/`, `log_history.json`, the kept
-# `checkpoints/step-N` and `ref_logps.parquet` stay.
-SCRATCH = ("job.json", "result.json")
+# Files in the partial version that exist only while training (hidden: the commit drops them); `model/`,
+# `log_history.json`, the kept `checkpoints/step-N` and `ref_logps.parquet` stay. The result is written once
+# `model/` is saved, so a run killed after it commits the finished training instead of training again.
+JOB, RESULT = ".job.json", ".result.json"
 
 
 def data_files(version: Version, split: str, columns: tuple[str, ...]) -> list[str]:
@@ -142,26 +143,27 @@ def train_stage(
             "keep_checkpoints": keep,
             "output_dir": str(partial / "checkpoints"),
             "model_dir": str(partial / "model"),
-            "result": str(partial / "result.json"),
+            "result": str(partial / RESULT),
         }
         if ref_key is not None:
             # this partial's own file first (a resumed run), then the newest version with the same key
             candidates = [partial / ref_logps.FILE] + ([reuse.path / ref_logps.FILE] if reuse else [])
             job["ref_logps"] = {"path": str(partial / ref_logps.FILE), "reuse": [str(p) for p in candidates]}
-        if launch.needs_launch(section.num_processes, accelerate_config):
-            write_json_atomic(partial / "job.json", job)
-            launch.run(partial / "job.json", section.num_processes, accelerate_config, hw, log=log)
+        if (partial / RESULT).is_file():
+            log(f"{kind}: training finished in an earlier attempt ({partial.name}); committing it")
+            result = json.loads((partial / RESULT).read_text())
+        elif launch.needs_launch(section.num_processes, accelerate_config):
+            write_json_atomic(partial / JOB, job)
+            launch.run(partial / JOB, section.num_processes, accelerate_config, hw, log=log)
             if launch.machine_rank() != 0:
                 log(f"machine rank {launch.machine_rank()} done; machine rank 0 commits the version")
                 return StageResult(complete=False)
-            result = json.loads((partial / "result.json").read_text())
+            result = json.loads((partial / RESULT).read_text())
         else:
             from fusechat.train.worker import run_job
 
             result = run_job(job, callbacks)
         steps = checkpoints.finish(partial / "checkpoints", keep)
-        for name in SCRATCH:
-            (partial / name).unlink(missing_ok=True)
         extra: dict[str, Any] = {"train": result, "hardware": hw.as_dict(), "defaults": plan.decisions}
         if steps:
             extra["checkpoints"] = [f"step-{s}" for s in steps]
@@ -177,7 +179,9 @@ def train_stage(
             extra=extra,
         )
 
-    return run_stage(store, kind, config, inputs, body, force=force, resumable=True, log=log)
+    # every machine of a multi-node run works in the one partial version: one job each
+    job = f"machine-{launch.machine_rank()}" if launch.extra_args() else None
+    return run_stage(store, kind, config, inputs, body, force=force, resumable=True, job=job, log=log)
 
 
 def _link(src: Path, dst: Path) -> None:
