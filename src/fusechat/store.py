@@ -323,16 +323,19 @@ class RunStore:
             _release(lock, path)
         return True
 
-    def commit(self, stage: str, partial: Path, manifest: dict[str, Any]) -> Version:
-        """Rename `partial` to the next free `vNNN`, with its manifest (listing its files). If another process
-        already committed this partial directory (shard jobs finishing together), return that version."""
+    def commit(self, stage: str, partial: Path, manifest: dict[str, Any], redoing: str | None = None) -> Version:
+        """Rename `partial` to the next free `vNNN`, with its manifest (listing its files). If another job of the
+        same work already committed (shard jobs finishing together; a sibling that links its parts' files may
+        have recreated the folder), return that version: a version of this fingerprint other than `redoing`, the
+        one a forced run makes again."""
         d = self.stage_dir(stage)
         with _locked(d / ".lock"):
-            if not partial.exists():
-                done = self.find(stage, manifest["fingerprint"])
-                if done is None:
-                    raise RuntimeError(f"{partial} vanished before commit")
+            done = self.find(stage, manifest["fingerprint"])
+            if done is not None and done.name != redoing:
+                shutil.rmtree(partial, ignore_errors=True)
                 return done
+            if not partial.exists():
+                raise RuntimeError(f"{partial} vanished before commit")
             manifest = {**manifest, "files": seal(partial)}
             taken = [int(m.group(1)) for p in d.iterdir() if (m := VERSION_RE.match(p.name))]
             n = max(taken, default=0) + 1
@@ -413,7 +416,7 @@ def run_stage(
                 "fusechat_version": __version__,
                 **result.extra,
             }
-            version = store.commit(stage, partial, manifest)
+            version = store.commit(stage, partial, manifest, redoing=cached.name if cached is not None else None)
     log(f"wrote: {version.ref}")
     return version
 
