@@ -173,7 +173,9 @@ class SourceModel(Section):
     def k_for(self, domain: str) -> int:
         return self.samples.get(domain, self.default_samples)
 
-    @field_validator("engine_args", "sampling", "chat_template", "system_prompt", "system_role", "batch_size")
+    @field_validator(
+        "engine_args", "sampling", "chat_template", "system_prompt", "system_role", "batch_size", "replicas"
+    )
     @classmethod
     def _a_model_setting(cls, v: Any, info: ValidationInfo) -> Any:
         if info.data.get("engine") == "dataset" and v != cls.model_fields[info.field_name].default:

@@ -77,7 +77,24 @@ def worker_devices(shard: ShardSpec, workers: int | None, env: Mapping[str, str]
 Emit = Callable[[str, Any], None]
 
 
-def _run(target: Callable[..., None], args: tuple, q: Any, worker: int, env: dict[str, str], tasks: Any) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: this worker gets SIGTERM when the fusechat process dies, even by SIGKILL, so no orphan keeps writing
+    chunks into a partial folder whose lock its parent no longer holds."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def _run(
+    target: Callable[..., None], args: tuple, q: Any, worker: int, env: dict[str, str], tasks: Any, parent: int
+) -> None:
+    _die_with_parent(parent)
     # Before the target imports torch or vLLM: CUDA reads CUDA_VISIBLE_DEVICES once, when it starts.
     os.environ.update(env)
 
@@ -122,7 +139,9 @@ def run_workers(
             shared.put(None)  # one end mark per worker
     envs = envs or [{} for _ in jobs]
     # not daemons: a worker starts its own processes (math verifier, sandbox, vLLM's tensor-parallel workers)
-    procs = [ctx.Process(target=_run, args=(target, job, q, w, envs[w], shared)) for w, job in enumerate(jobs)]
+    procs = [
+        ctx.Process(target=_run, args=(target, job, q, w, envs[w], shared, os.getpid())) for w, job in enumerate(jobs)
+    ]
     for p in procs:
         p.start()
     running = set(range(len(procs)))

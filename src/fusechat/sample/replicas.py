@@ -49,13 +49,18 @@ def replica_gpus(source: SourceModel, where: str, n_gpus: int, slot: int, slots:
     per = gpus_per_replica(source, where)
     mine = gpu_slice(n_gpus, slot, slots)
     if per > len(mine):
+        args = source.engine_args
+        if args.get("pipeline_parallel_size", 1) == 1:
+            key, need = "tensor_parallel_size", f"{per}"
+        else:
+            key = "tensor_parallel_size x pipeline_parallel_size"
+            need = f"{args.get('tensor_parallel_size', 1)} x {args['pipeline_parallel_size']} = {per}"
         whose = (
-            f"GPUs {mine[0]}-{mine[-1]} of {n_gpus}, as job {slot + 1} of {slots} on this machine" if slots > 1 else ""
+            f" (GPUs {mine[0]}-{mine[-1]} of {n_gpus}: job {slot + 1} of {slots} on this machine)" if slots > 1 else ""
         )
-        key = "tensor_parallel_size" if source.engine_args.get("pipeline_parallel_size", 1) == 1 else "*_parallel_size"
         raise UserError(
-            f"{where}.engine_args.{key} ({source.name}): a replica needs {per} GPUs but this job has {len(mine)}"
-            f"{f' ({whose})' if whose else ''}; give the job more GPUs (CUDA_VISIBLE_DEVICES, --gres) or lower it"
+            f"{where}.engine_args.{key} ({source.name}): a replica needs {need} GPUs but this job has {len(mine)}"
+            f"{whose}; give the job more GPUs (CUDA_VISIBLE_DEVICES, --gres) or lower it"
         )
     groups = [mine[i : i + per] for i in range(0, len(mine) - per + 1, per)]
     if source.replicas is not None:
@@ -66,6 +71,12 @@ def replica_gpus(source: SourceModel, where: str, n_gpus: int, slot: int, slots:
             )
         groups = groups[: source.replicas]
     return groups
+
+
+def in_process(groups: list[list[int]], n_gpus: int) -> bool:
+    """One replica that uses the whole job (every visible GPU, or the CPU) runs in the calling process, as a single
+    engine always did; any other plan needs processes of its own (to see only their GPUs, or their cores)."""
+    return len(groups) == 1 and groups[0] in ([], list(range(n_gpus)))
 
 
 def replica_envs(
@@ -109,8 +120,11 @@ def run_replicas(
     visible = visible_ids(os.environ, gpu_count()) if any(groups) else []
     envs = replica_envs(groups, visible, cpu_cores(), int(omp) if omp.isdigit() else None)
     k = len(groups)
-    where = [f"GPUs {env['CUDA_VISIBLE_DEVICES']}" if g else "CPU" for g, env in zip(groups, envs, strict=True)]
-    log(f"{s.name}: {k} replica(s) on {' | '.join(where)}")
+    where = [
+        f"GPUs {env['CUDA_VISIBLE_DEVICES']}" if g else f"CPU cores {env['VLLM_CPU_OMP_THREADS_BIND']}"
+        for g, env in zip(groups, envs, strict=True)
+    ]
+    log(f"{s.name}: {k} replica{'s' if k > 1 else ''} on {' | '.join(where)}")
     names = [f"{s.name} replica {r + 1}/{k} on {w}" for r, w in enumerate(where)]
     jobs = [(prep, seed, chunks.root, not g) for g in groups]
 
