@@ -83,8 +83,8 @@ def replica_envs(
     groups: list[list[int]], visible: list[str], cores: list[int], omp_threads: int | None = None
 ) -> list[dict[str, str]]:
     """Per replica: its GPUs as `CUDA_VISIBLE_DEVICES` (the ids the job itself was given); on CPU its share of the
-    job's cores (vLLM's CPU worker binds its threads to cores, all of them by default) and as many torch threads
-    (at most `omp_threads`, the job's OMP_NUM_THREADS)."""
+    job's cores, as many torch threads (at most `omp_threads`, the job's OMP_NUM_THREADS) and those cores for vLLM's
+    thread binding (which its multiprocess CPU executor would otherwise do over every core)."""
     if any(groups):
         return [{"CUDA_VISIBLE_DEVICES": ",".join(visible[i] for i in g)} for g in groups]
     k = len(groups)
