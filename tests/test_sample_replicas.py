@@ -20,7 +20,7 @@ from fusechat.errors import UserError
 from fusechat.sample.replicas import in_process, replica_envs, replica_gpus
 from fusechat.shards import ShardSpec
 from fusechat.store import RunStore
-from fusechat.workers import local_slot, visible_ids
+from fusechat.workers import local_slot, run_workers, visible_ids
 
 
 def vllm(tp: int = 1, pp: int = 1, replicas: int | None = None) -> SourceModel:
@@ -110,6 +110,34 @@ def test_replicas_is_placement_only():
     assert a.model_dump(mode="json") == b.model_dump(mode="json")  # fingerprints, parts and manifests agree
     with pytest.raises(ValueError, match="replicas"):
         SourceModel(name="d", engine="dataset", dataset="omi2", replicas=2)
+
+
+def drain(tag: str, *, emit, tasks) -> None:
+    """A worker of the test below: takes tasks from the shared queue until it is empty."""
+    for task in tasks:
+        if task == "bad":
+            raise UserError("sources[0]: a user mistake")
+        if task == "crash":
+            raise ValueError("boom")
+        emit("chunk", (tag, os.environ["REPLICA_ENV"], task))
+
+
+def test_worker_processes_share_one_queue_and_report_failures():
+    got = []
+    run_workers(
+        drain,
+        [("a",), ("b",)],
+        ["w1", "w2"],
+        lambda kind, payload: got.append(payload),
+        envs=[{"REPLICA_ENV": "1"}, {"REPLICA_ENV": "2"}],
+        tasks=range(6),
+    )
+    assert sorted(task for _, _, task in got) == list(range(6))  # each task once, whichever worker took it
+    assert {(tag, env) for tag, env, _ in got} <= {("a", "1"), ("b", "2")}  # each process with its own env
+    with pytest.raises(UserError, match=r"^sources\[0\]: a user mistake$"):
+        run_workers(drain, [("a",)], ["w1"], lambda *_: None, envs=[{"REPLICA_ENV": "1"}], tasks=["bad"])
+    with pytest.raises(RuntimeError, match=r"^big replica 1/1 on GPUs 2,3 failed: ValueError: boom"):
+        run_workers(drain, [("a",)], ["big replica 1/1 on GPUs 2,3"], lambda *_: None, tasks=["crash"])
 
 
 def children(pid: int) -> set[int]:

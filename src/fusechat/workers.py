@@ -153,7 +153,7 @@ def run_workers(
                 dead = [w for w in running if not procs[w].is_alive()]
                 if dead:
                     w = dead[0]
-                    raise RuntimeError(f"worker {names[w]} died (exit code {procs[w].exitcode})") from None
+                    raise RuntimeError(f"{names[w]} died (exit code {procs[w].exitcode})") from None
                 continue
             if kind == "done":
                 running.discard(w)
@@ -161,7 +161,7 @@ def run_workers(
                 how, text = payload
                 if how == "user":
                     raise UserError(text)
-                raise RuntimeError(f"worker {names[w]} failed: {text}")
+                raise RuntimeError(f"{names[w]} failed: {text}")
             else:
                 on_message(kind, payload)
     finally:

@@ -413,8 +413,9 @@ def score_chunks(
             (share, chunks.root, samples, prompts, ranges, todo[w::k], device, threads, keys)
             for w, device in enumerate(devices)
         ]
+        names = [f"scoring worker on {d}" for d in devices]
         run_workers(
-            score_in_worker, jobs, devices, lambda kind, payload: finished(payload) if kind == "chunk" else log(payload)
+            score_in_worker, jobs, names, lambda kind, payload: finished(payload) if kind == "chunk" else log(payload)
         )
     missing = len(keys) - len(chunks.finished(keys))
     if missing:
