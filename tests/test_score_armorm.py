@@ -16,9 +16,9 @@ from fusechat.config import RewardModelConfig, load_config
 from fusechat.demo.tiny import TEMPLATES
 from fusechat.errors import UserError
 from fusechat.score.reward_model import RewardModel, check_reward_model, conversation
-from fusechat.score.workers import devices_for, local_slot
 from fusechat.shards import ShardSpec
 from fusechat.store import RunStore, StageResult, run_stage
+from fusechat.workers import devices_for, local_slot
 
 HEADER = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"  # the published gating pattern
 

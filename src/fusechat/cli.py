@@ -296,7 +296,8 @@ def sample(
     """Each source model answers each prompt k times (vLLM or transformers; `engine: dataset` takes a prompt
     source's own answers), in resumable chunks. Each source's samples are a part of their own, reused (cached) while
     that source's settings and model are unchanged. Jobs with --source/--shard fill the parts together; the version
-    completes when every chunk exists."""
+    completes when every chunk exists. Samples on every GPU the job is given: one engine replica per
+    tensor_parallel_size GPUs (sources[].replicas), the same samples at any count."""
     from fusechat.sample import run_sample
     from fusechat.shards import ShardSpec
 

@@ -162,12 +162,20 @@ class SourceModel(Section):
     system_prompt: str | None = None
     system_role: Literal["keep", "merge", "drop"] = "keep"  # Gemma-2 rejects system turns: merge into user
     batch_size: int = Field(default=64, ge=1)  # transformers engine: prompts per generate call
-    chunk_size: int = Field(default=256, ge=1)  # prompts per resumable chunk (one Parquet file each)
+    # prompts per resumable chunk (one Parquet file each), large enough that a vLLM replica seldom waits on a chunk's
+    # slowest 4,096-token sample (see README "Sampling on GPUs")
+    chunk_size: int = Field(default=1024, ge=1)
+    # engine copies on this job's GPUs, each on tensor_parallel_size x pipeline_parallel_size of them; default: as many
+    # as fit on GPUs, one (in this process) on CPU. Placement only, same samples at any count: left out of model_dump,
+    # so of fingerprints and manifests.
+    replicas: int | None = Field(default=None, ge=1, exclude=True)
 
     def k_for(self, domain: str) -> int:
         return self.samples.get(domain, self.default_samples)
 
-    @field_validator("engine_args", "sampling", "chat_template", "system_prompt", "system_role", "batch_size")
+    @field_validator(
+        "engine_args", "sampling", "chat_template", "system_prompt", "system_role", "batch_size", "replicas"
+    )
     @classmethod
     def _a_model_setting(cls, v: Any, info: ValidationInfo) -> Any:
         if info.data.get("engine") == "dataset" and v != cls.model_fields[info.field_name].default:

@@ -5,17 +5,19 @@ seed, `completion_rows` turns completions into rows and flags prompts whose k sa
 or template bug shows there first), `dataset_rows` takes a dataset source's answers from the prompts version. Shell:
 `run_sample` keeps each source's samples in its own part (`fusechat.sample.parts`), keyed by that source's settings
 and model: parts already complete are reused (`cached`), the others are filled. It checks every source to fill
-before any model loads, then per source loads one engine, fills the chunks this job owns (`--shard`), releases the
-model (`fill_source`), and commits the version (hard links to its parts' files) once every part is complete. A
-killed run loses at most the chunk in flight.
+before any model loads, then per source loads its engine (one replica per group of GPUs the job has:
+`fusechat.sample.replicas`), fills the chunks this job owns (`--shard`), releases the model (`fill_source`), and
+commits the version (hard links to its parts' files) once every part is complete. A killed run loses at most the
+chunks in flight.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,10 @@ from fusechat.prompts import read_prompts, read_responses
 from fusechat.sample.engines import Completion, check_engine, open_engine
 from fusechat.sample.parts import Part, link_files, open_part, part_fingerprint, reused_from
 from fusechat.sample.render import chat_template, render_ids, stop_token_ids, with_system
+from fusechat.sample.replicas import in_process, replica_plan, run_replicas
 from fusechat.shards import ChunkDir, ShardSpec, chunk_ranges
 from fusechat.store import RunStore, StageResult, Version, fingerprint, model_identity, run_stage
+from fusechat.workers import gpu_count
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -148,6 +152,7 @@ class Prepared:
     template: str
     stop_ids: list[int] = field(default_factory=list)
     pad_id: int = 0
+    replicas: list[list[int]] = field(default_factory=lambda: [[]])  # each engine replica's GPUs ([]: CPU)
 
     def render(self, prompt: dict[str, Any]) -> list[int]:
         s = self.source
@@ -249,6 +254,8 @@ def run_sample(
         for i, s in selected
         if s.engine != "dataset"
     }
+    for prep in prepared.values():  # a source that does not fit on this job's GPUs fails here, before any model loads
+        prep.replicas = replica_plan(prep.source, prep.where, shard, os.environ)
 
     def body(partial: Path) -> StageResult:
         for name in redo:  # under the job lock: never the part another run of this job is filling
@@ -307,27 +314,53 @@ def fill_source(
     log: Callable[[str], None],
     progress: Progress | None,
 ) -> None:
-    """Load the source's engine, write each pending chunk of its part (`chunks`), release the model."""
+    """Load the source's engine, write each pending chunk of its part (`chunks`), release the model. One replica
+    (`prep.replicas`) over the whole job runs here; several, or one on part of the job's GPUs, run in processes of
+    their own that share the pending chunks (`fusechat.sample.replicas`)."""
     s = prep.source
     base_seed = s.sampling.seed if s.sampling.seed is not None else seed
+    groups = prep.replicas[: len(pending)]
     done, tokens, seconds = owned - len(pending), 0, 0.0
     log(f"{s.name}: loading {s.model} ({s.engine}); {len(pending)} of {owned} chunks to do")
     if progress:
         progress(s.name, done, owned, tokens, seconds)
-    engine = open_engine(s, prep.stop_ids, prep.pad_id)
-    try:
-        for key, rows in pending:
-            if chunks.done(key):  # a concurrent job running the same shard got there first
-                continue
-            table, timings = sample_chunk(prep, engine, base_seed, key, [prompts[r] for r in rows])
-            chunks.write(key, table, timings)
-            stats = json.loads(table.schema.metadata[CHUNK_STATS])
-            done, tokens, seconds = done + 1, tokens + stats["tokens"], seconds + timings["generate_s"]
-            if progress:
-                progress(s.name, done, owned, tokens, seconds)
-    finally:
-        engine.close()
-    log(f"{s.name}: {tokens:,} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s)")
+
+    def finished(chunk_tokens: int, generate_s: float) -> None:
+        nonlocal done, tokens, seconds
+        # replicas generate at once: their summed time over their number is the job's rate
+        done, tokens, seconds = done + 1, tokens + chunk_tokens, seconds + generate_s / len(groups)
+        if progress:
+            progress(s.name, done, owned, tokens, seconds)
+
+    tasks = ((key, [prompts[r] for r in rows]) for key, rows in pending)
+    if in_process(groups, gpu_count() if groups[0] else 0):
+        engine = open_engine(s, prep.stop_ids, prep.pad_id)
+        try:
+            write_chunks(prep, engine, base_seed, tasks, chunks, finished)
+        finally:
+            engine.close()
+    else:
+        run_replicas(prep, base_seed, list(tasks), chunks, groups, log, finished)
+    together = f", {len(groups)} replicas together" if len(groups) > 1 else ""
+    log(f"{s.name}: {tokens:,} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s{together})")
+
+
+def write_chunks(
+    prep: Prepared,
+    engine,
+    seed: int,
+    tasks: Iterable[tuple[str, list[dict[str, Any]]]],
+    chunks: ChunkDir,
+    finished: Callable[[int, float], None],
+) -> None:
+    """Sample and write each (chunk key, prompts) task durably, skipping chunks already written; `finished(tokens,
+    generate seconds)` after each. The loop of a single engine and of every replica process."""
+    for key, chunk_prompts in tasks:
+        if chunks.done(key):  # a concurrent job running the same shard got there first
+            continue
+        table, timings = sample_chunk(prep, engine, seed, key, chunk_prompts)
+        chunks.write(key, table, timings)
+        finished(json.loads(table.schema.metadata[CHUNK_STATS])["tokens"], timings["generate_s"])
 
 
 def sample_chunk(

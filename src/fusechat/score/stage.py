@@ -393,15 +393,15 @@ def score_chunks(
 
     devices = ["cpu"]
     if needs_reward and todo:
-        from fusechat.score.workers import scoring_devices
+        from fusechat.workers import worker_devices
 
-        devices = scoring_devices(shard, cfg.score.reward_model.workers, os.environ)[: len(todo)]
+        devices = worker_devices(shard, cfg.score.reward_model.workers, os.environ)[: len(todo)]
         if devices != ["cpu"]:
             log(f"scoring on {', '.join(devices)}")
     if len(devices) == 1:
         score_chunk_list(cfg, chunks, sample_rows, index, samples, ranges, todo, devices[0], log, finished, keys)
     else:
-        from fusechat.score.workers import run_workers
+        from fusechat.workers import run_workers
 
         k = len(devices)
         # the verifiers' process counts and the CPU threads are the machine's: each worker gets its share
@@ -413,8 +413,9 @@ def score_chunks(
             (share, chunks.root, samples, prompts, ranges, todo[w::k], device, threads, keys)
             for w, device in enumerate(devices)
         ]
+        names = [f"scoring worker on {d}" for d in devices]
         run_workers(
-            score_in_worker, jobs, devices, lambda kind, payload: finished(payload) if kind == "chunk" else log(payload)
+            score_in_worker, jobs, names, lambda kind, payload: finished(payload) if kind == "chunk" else log(payload)
         )
     missing = len(keys) - len(chunks.finished(keys))
     if missing:
@@ -469,7 +470,7 @@ def score_in_worker(
     *,
     emit: Callable[[str, Any], None],
 ) -> None:
-    """One scoring process of `fusechat score` (see `fusechat.score.workers`)."""
+    """One scoring process of `fusechat score` (see `fusechat.workers`)."""
     import torch
 
     if device == "cpu":
