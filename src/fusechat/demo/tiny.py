@@ -134,13 +134,9 @@ def build_tokenizer(
     return hf
 
 
-def build_model(spec: TinySpec, tokenizer, *, reward: bool = False):
-    """A randomly initialised tiny causal LM (or a one-output sequence classifier when `reward`)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    torch.manual_seed(spec.seed)
-    kwargs = dict(
+def backbone_config(spec: TinySpec, tokenizer, *, tie_word_embeddings: bool) -> dict:
+    """The transformer's sizes and special ids, as config keyword arguments."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden,
         intermediate_size=spec.ffn,
@@ -148,11 +144,20 @@ def build_model(spec: TinySpec, tokenizer, *, reward: bool = False):
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
         max_position_embeddings=spec.max_positions,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def build_model(spec: TinySpec, tokenizer, *, reward: bool = False):
+    """A randomly initialised tiny causal LM (or a one-output sequence classifier when `reward`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(spec.seed)
+    kwargs = backbone_config(spec, tokenizer, tie_word_embeddings=True)
     if spec.arch == "gemma2":
         kwargs.update(head_dim=spec.hidden // spec.heads, sliding_window=spec.max_positions)
     if spec.arch == "mistral":
@@ -223,20 +228,7 @@ def make_tiny_armorm(
         raise ValueError("ArmoRM gates on the Llama-3 assistant header: use chat='llama3'")
     tok = build_tokenizer(spec.chat, spec.tokenizer, corpus)
     torch.manual_seed(spec.seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=spec.hidden,
-        intermediate_size=spec.ffn,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=spec.max_positions,
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        num_labels=1,
-    )
+    config = LlamaConfig(**backbone_config(spec, tok, tie_word_embeddings=False), num_labels=1)
     config.update(
         {
             "num_objectives": num_objectives,
