@@ -31,6 +31,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="asserts CPU-only behaviour; a CUDA GPU is visible"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Training tests in this process: one torch thread (OMP_NUM_THREADS may have been read before it was set)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny")

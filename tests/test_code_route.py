@@ -11,11 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from code_fixtures import CORRECT_AND_WRONG, LEETCODE_ROWS, SELF_OSS_ROWS, write_leetcode, write_self_oss
+from hand_samples import sample_row, write_samples
 
 from fusechat.build import run_build
 from fusechat.code_tests import DROP_REASONS, has_checks
@@ -23,7 +23,7 @@ from fusechat.config import load_config
 from fusechat.prompts import read_prompts, run_prompts
 from fusechat.score.sandbox import DENY_NAMESPACES_ENV, check_code_many, isolation
 from fusechat.score.stage import run_score
-from fusechat.store import RunStore, StageResult, run_stage
+from fusechat.store import RunStore
 
 pytestmark = pytest.mark.skipif(isolation() == "none", reason="no isolation on this machine")
 DO_NOTHING = "```python\npass\n```"
@@ -131,24 +131,8 @@ def _write_samples(store: RunStore, prompts):
         good, wrong = CORRECT_AND_WRONG[_function_of(json.loads(p["reference"])["tests"])]
         broken = ["```python\ndef f(:\n    pass\n```", "```python\nresult = helper(1)\n```"]
         for s, source in enumerate(("alpha", "beta")):
-            for k, text in enumerate((good, wrong, broken[s])):
-                rows.append(
-                    {
-                        "prompt_id": p["prompt_id"],
-                        "source": source,
-                        "sample_index": k,
-                        "text": text,
-                        "num_tokens": len(text),
-                        "finish_reason": "stop",
-                    }
-                )
-
-    def body(out: Path) -> StageResult:
-        (out / "data").mkdir()
-        pq.write_table(pa.Table.from_pylist(rows), out / "data" / "hand.parquet")
-        return StageResult(counts={"samples": len(rows)})
-
-    return run_stage(store, "samples", {"hand": True}, {"prompts": prompts}, body, log=lambda m: None), rows
+            rows += [sample_row(p["prompt_id"], source, k, text) for k, text in enumerate((good, wrong, broken[s]))]
+    return write_samples(store, prompts, rows), rows
 
 
 @pytest.mark.slow

@@ -6,9 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hand_samples import sample_row, write_samples
 from typer.testing import CliRunner
 
 from fusechat.config import ScoreConfig, load_config
@@ -16,7 +16,7 @@ from fusechat.errors import UserError
 from fusechat.score.math_check import MathChecker, check_answer, extract_answer
 from fusechat.score.stage import Scorers, combine, run_score, score_rows
 from fusechat.shards import ShardSpec
-from fusechat.store import RunStore, StageResult, run_stage
+from fusechat.store import RunStore
 
 
 # --------------------------------------------------------------------------------------------- math verifier
@@ -255,30 +255,13 @@ def _make_samples(cfg_path: Path) -> tuple:
     cfg = load_config(cfg_path, check_trl=False)
     store = RunStore(cfg.run_dir)
     prompts = run_prompts(cfg, store, log=lambda _: None)
-    table = read_prompts(prompts).to_pylist()
-    rows = []
-    for p in table:
-        for source in ("alpha", "beta"):
-            for k, text in enumerate(RESPONSES[p["domain"]][:2]):
-                rows.append(
-                    {
-                        "prompt_id": p["prompt_id"],
-                        "source": source,
-                        "sample_index": k,
-                        "text": text,
-                        "num_tokens": len(text),
-                        "finish_reason": "stop",
-                    }
-                )
-
-    def body(out: Path) -> StageResult:
-        (out / "data").mkdir()
-        half = len(rows) // 2
-        pq.write_table(pa.Table.from_pylist(rows[:half]), out / "data" / "a.parquet")
-        pq.write_table(pa.Table.from_pylist(rows[half:]), out / "data" / "b.parquet")
-        return StageResult(counts={"samples": len(rows)})
-
-    samples = run_stage(store, "samples", {"hand": True}, {"prompts": prompts}, body, log=lambda _: None)
+    rows = [
+        sample_row(p["prompt_id"], source, k, text)
+        for p in read_prompts(prompts).to_pylist()
+        for source in ("alpha", "beta")
+        for k, text in enumerate(RESPONSES[p["domain"]][:2])
+    ]
+    samples = write_samples(store, prompts, rows, files=2)
     return cfg, store, samples, rows
 
 

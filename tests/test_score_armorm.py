@@ -7,17 +7,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hand_samples import sample_row, write_samples
 
 from fusechat.config import RewardModelConfig, load_config
 from fusechat.demo.tiny import TEMPLATES
 from fusechat.errors import UserError
 from fusechat.score.reward_model import RewardModel, check_reward_model, conversation
 from fusechat.shards import ShardSpec
-from fusechat.store import RunStore, StageResult, run_stage
+from fusechat.store import RunStore
 from fusechat.workers import devices_for, local_slot
 
 HEADER = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"  # the published gating pattern
@@ -163,25 +163,12 @@ def _world(root: Path, armorm: Path, **rm_extra) -> tuple:
     store = RunStore(cfg.run_dir)
     prompts = run_prompts(cfg, store, log=lambda _: None)
     rows = [
-        {
-            "prompt_id": p["prompt_id"],
-            "source": source,
-            "sample_index": k,
-            "text": text,
-            "num_tokens": len(text),
-            "finish_reason": "stop",
-        }
+        sample_row(p["prompt_id"], source, k, text)
         for p in read_prompts(prompts).to_pylist()
         for source in ("alpha", "beta")
         for k, text in enumerate(RESPONSES)
     ]
-
-    def body(out: Path) -> StageResult:
-        (out / "data").mkdir()
-        pq.write_table(pa.Table.from_pylist(rows), out / "data" / "a.parquet")
-        return StageResult(counts={"samples": len(rows)})
-
-    run_stage(store, "samples", {"hand": True}, {"prompts": prompts}, body, log=lambda _: None)
+    write_samples(store, prompts, rows)
     return cfg, store
 
 
